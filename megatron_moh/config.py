@@ -1,0 +1,159 @@
+"""MoH settings: a megatron-core TransformerConfig with the mixture-of-heads fields.
+
+Gate convention (the paper's reference code, chosen so that a layer whose gates are all 1 is
+plain multi-head attention). For H query heads, the first ``h_s`` are shared, the other
+``E = H - h_s`` are routed and each token keeps ``k`` of them:
+
+* learned router, weighted gates:
+  ``g_shared = h_s * softmax(W_s x)``,
+  ``p = softmax(W_r x)``; ``g_routed = k * p / sum(p[topk])`` on the top-k, 0 elsewhere;
+  two-stage: ``[a1, a2] = 2 * softmax(W_h x)`` multiplies the shared / routed gates.
+* binary gates: shared gates are 1, a chosen routed head's gate is 1 in the forward pass and
+  its gradient is that of ``p`` (straight-through), an unchosen head's gate is 0 with no gradient.
+* query-norm router (parameter-free): routing logits are the L2 norms of the routed heads'
+  queries divided by their standard deviation across routed heads.
+* load balance: ``L_b = E * sum_i P_i f_i`` per layer, ``P_i`` the mean routed probability of head
+  ``i`` over the micro-batch's tokens, ``f_i`` the fraction of routing slots (tokens x k) that went
+  to head ``i``; uniform routing gives 1. The model adds ``coeff * mean over layers of L_b``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+ROUTERS = ("learned", "query_norm")
+GATES = ("weighted", "binary")
+ATTENTION_IMPLS = ("dense", "sparse")
+
+
+class MoHConfigError(ValueError):
+    """A MoH setting that cannot work; the message names the field and the fix."""
+
+
+def resolve_moh_defaults(cfg: Any) -> None:
+    """Fill the MoH fields left as None with the paper's defaults (in place).
+
+    Works on a config or on an argparse Namespace with the same field names.
+    50% of heads shared and 25% routed-active (75% of heads active), as in the MoH-LLaMA3 recipe;
+    the query-norm router uses binary gates, the learned router weighted gates with two stages.
+    """
+    heads = cfg.num_attention_heads
+    if cfg.moh_num_shared_heads is None:
+        cfg.moh_num_shared_heads = heads // 2
+    if cfg.moh_topk is None:
+        cfg.moh_topk = min(max(heads // 4, 1), heads - cfg.moh_num_shared_heads)
+    if cfg.moh_gate is None:
+        cfg.moh_gate = "binary" if cfg.moh_router == "query_norm" else "weighted"
+    if cfg.moh_two_stage is None:
+        routed = heads - cfg.moh_num_shared_heads
+        cfg.moh_two_stage = (
+            cfg.moh_router == "learned"
+            and cfg.moh_gate == "weighted"
+            and cfg.moh_num_shared_heads > 0
+            and routed > 0
+        )
+
+
+def check_moh_config(cfg: Any) -> None:
+    """Raise MoHConfigError (one line: what is wrong and how to fix it) for impossible settings.
+
+    Works on a config or on an argparse Namespace, so the CLI can fail before any process group
+    starts.
+    """
+    heads = cfg.num_attention_heads
+    groups = cfg.num_query_groups or heads
+    tp = getattr(cfg, "tensor_model_parallel_size", 1) or 1
+    shared, topk = cfg.moh_num_shared_heads, cfg.moh_topk
+    routed = heads - shared
+
+    def fail(msg: str) -> None:
+        raise MoHConfigError(msg)
+
+    if heads % tp:
+        fail(f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tp}: "
+             f"choose a TP size that divides the number of heads")
+    if heads % groups:
+        fail(f"num_query_groups={groups} does not divide num_attention_heads={heads}: "
+             f"choose a number of query groups that divides the heads")
+    if groups % tp and tp % groups:
+        fail(f"num_query_groups={groups} and tensor_model_parallel_size={tp} must divide one "
+             f"another: change --num-query-groups or the TP size")
+    if cfg.moh_router not in ROUTERS:
+        fail(f"moh_router={cfg.moh_router!r} is unknown: use one of {', '.join(ROUTERS)}")
+    if cfg.moh_gate not in GATES:
+        fail(f"moh_gate={cfg.moh_gate!r} is unknown: use one of {', '.join(GATES)}")
+    if cfg.moh_attention_impl not in ATTENTION_IMPLS:
+        fail(f"moh_attention_impl={cfg.moh_attention_impl!r} is unknown: "
+             f"use one of {', '.join(ATTENTION_IMPLS)}")
+    if shared < 0:
+        fail(f"moh_num_shared_heads={shared} is negative: use 0 or more")
+    if shared >= heads and topk:
+        fail(f"moh_num_shared_heads={shared} leaves no routed heads of {heads} but moh_topk={topk}: "
+             f"set moh_topk=0 or use fewer shared heads")
+    if shared > heads:
+        fail(f"moh_num_shared_heads={shared} is more than num_attention_heads={heads}: "
+             f"use at most {heads}")
+    if topk < 0 or topk > routed:
+        fail(f"moh_topk={topk} must be between 0 and the {routed} routed heads "
+             f"(num_attention_heads - moh_num_shared_heads): lower moh_topk")
+    if routed > 0 and topk == 0:
+        fail(f"moh_topk=0 leaves the {routed} routed heads unused: set moh_topk >= 1 "
+             f"or make every head shared with moh_num_shared_heads={heads}")
+    if cfg.moh_load_balance_coeff < 0:
+        fail(f"moh_load_balance_coeff={cfg.moh_load_balance_coeff} is negative: use 0 or more")
+    if cfg.moh_two_stage and not (cfg.moh_router == "learned" and cfg.moh_gate == "weighted"):
+        fail("moh_two_stage needs moh_router='learned' and moh_gate='weighted': "
+             "turn two-stage weights off for this router or gate")
+    if cfg.moh_two_stage and (shared == 0 or routed == 0):
+        fail(f"moh_two_stage weighs shared against routed heads but there are {shared} shared and "
+             f"{routed} routed: turn two-stage weights off")
+    if cfg.moh_router == "query_norm" and 0 < routed < 2:
+        fail("the query_norm router scales query norms by their std over routed heads and needs "
+             "at least 2 routed heads: use fewer shared heads")
+    if (getattr(cfg, "context_parallel_size", 1) or 1) > 1:
+        fail("MoH attention does not support context parallelism yet: "
+             "set context_parallel_size=1")
+
+
+@dataclass
+class MoHTransformerConfig(TransformerConfig):
+    """TransformerConfig plus the mixture-of-heads fields (see the module docstring)."""
+
+    moh_num_shared_heads: int | None = None
+    """Query heads every token uses (the first ones). None: half of the heads."""
+
+    moh_topk: int | None = None
+    """Routed heads each token activates. None: a quarter of the heads."""
+
+    moh_router: Literal["learned", "query_norm"] = "learned"
+    """'learned': linear router (paper); 'query_norm': parameter-free router on query norms."""
+
+    moh_gate: Literal["weighted", "binary"] | None = None
+    """'weighted' gates or 'binary' gates with a straight-through gradient. None: weighted for
+    the learned router, binary for the query-norm router."""
+
+    moh_two_stage: bool | None = None
+    """Weigh shared against routed heads with [a1, a2] = 2 softmax(W_h x). None: on when the
+    router is learned, the gates weighted and both groups non-empty."""
+
+    moh_load_balance_coeff: float = 0.01
+    """beta of the load-balance loss; 0 turns it off."""
+
+    moh_attention_impl: Literal["dense", "sparse"] = "dense"
+    """'dense' computes every head and gates afterwards; 'sparse' skips the query rows a
+    routed head was not chosen for."""
+
+    def __post_init__(self) -> None:
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        resolve_moh_defaults(self)
+        check_moh_config(self)
+        super().__post_init__()
+
+    @property
+    def moh_num_routed_heads(self) -> int:
+        """Heads the router chooses from."""
+        return self.num_attention_heads - self.moh_num_shared_heads

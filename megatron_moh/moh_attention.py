@@ -1,0 +1,96 @@
+"""Mixture-of-Head attention as a megatron-core self-attention module.
+
+Queries, keys and values come from megatron's own column-parallel projection (so TP, SP and GQA
+sharding are megatron's); a router turns each token into per-head gates; each TP rank scales its
+heads' attention outputs by their gates before the row-parallel output projection. Keys and values
+are never gated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_moh.config import MoHTransformerConfig
+
+
+@dataclass
+class MoHSelfAttentionSubmodules(SelfAttentionSubmodules):
+    """SelfAttention's submodules plus the head router."""
+
+    router: type | ModuleSpec | None = None
+
+
+def gate_heads(core_attn_out: Tensor, gates: Tensor) -> Tensor:
+    """Scale each head's attention output ``[s, b, heads * d]`` by its gate ``[s, b, heads]``."""
+    s, b, width = core_attn_out.shape
+    heads = gates.shape[-1]
+    out = core_attn_out.view(s, b, heads, width // heads) * gates.unsqueeze(-1).to(core_attn_out.dtype)
+    return out.view(s, b, width)
+
+
+class MoHSelfAttention(SelfAttention):
+    """Self-attention whose heads are mixed by per-token router gates (MoH, arXiv 2410.11842)."""
+
+    def __init__(
+        self,
+        config: MoHTransformerConfig,
+        submodules: MoHSelfAttentionSubmodules,
+        layer_number: int,
+        **kwargs: Any,
+    ):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
+        self.router = build_module(
+            submodules.router, config=config, layer_number=layer_number, tp_group=self.pg_collection.tp
+        )
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor,
+        rotary_pos_emb: Tensor | tuple[Tensor, Tensor] | None = None,
+        inference_context: Any = None,
+        packed_seq_params: Any = None,
+        attention_bias: Tensor | None = None,
+        **unused: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``[s, b, hidden]`` in (``s`` local under sequence parallelism), ``[s, b, hidden]`` out."""
+        if inference_context is not None or unused.get("inference_params") is not None:
+            raise NotImplementedError(
+                "MoH attention has no megatron inference path: export the checkpoint to Hugging "
+                "Face format (tools/convert_checkpoint.py) and generate there"
+            )
+        if packed_seq_params is not None:
+            raise NotImplementedError("MoH attention does not support packed sequences (THD) yet")
+
+        query, key, value = self.get_query_key_value_tensors(hidden_states)
+        gates = self.router(hidden_states, query)  # [s, b, heads on this rank]
+
+        if rotary_pos_emb is not None:
+            q_pos_emb, k_pos_emb = (
+                rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            )
+            cp_group = self.pg_collection.cp
+            mscale = self._yarn_concentration_factor
+            query = apply_rotary_pos_emb(query, q_pos_emb, config=self.config, mscale=mscale, cp_group=cp_group)
+            key = apply_rotary_pos_emb(key, k_pos_emb, config=self.config, mscale=mscale, cp_group=cp_group)
+
+        if self.checkpoint_core_attention and self.training:
+            core_attn_out = self._checkpointed_attention_forward(
+                query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
+                attention_bias=attention_bias,
+            )
+        else:
+            core_attn_out = self.core_attention(
+                query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
+                attention_bias=attention_bias,
+            )
+        core_attn_out = gate_heads(core_attn_out, gates)
+        return self.linear_proj(core_attn_out)

@@ -1,0 +1,141 @@
+"""ModuleSpec trees for MoH (and dense baseline) GPT layers, one function per backend.
+
+``local``: megatron-core's own parallel linears and DotProductAttention with torch norms; runs on
+CPU and GPU. ``te``: Transformer Engine linears, norms and attention, needed for FP8. Both keep the
+input norm outside the QKV projection so the learned router sees the normalised token, and both
+name checkpoint keys alike (the local spec's map), so checkpoints move between backends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_moh.moh_attention import MoHSelfAttention, MoHSelfAttentionSubmodules
+from megatron_moh.norm import TorchNorm
+from megatron_moh.router import LearnedHeadRouter, QueryNormHeadRouter
+
+BACKENDS = ("local", "te")
+# Checkpoint keys follow the fused (TE-style) names whichever backend built the layer.
+_KEYS_MAP = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
+class TransformerEngineMissing(RuntimeError):
+    """The TE backend or FP8 was asked for where Transformer Engine is not importable."""
+
+
+@functools.cache
+def have_transformer_engine() -> bool:
+    """Whether Transformer Engine imports; a half-installed TE raises more than ImportError."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def require_transformer_engine(what: str) -> None:
+    """Raise a one-line error naming ``what`` when Transformer Engine is absent."""
+    if not have_transformer_engine():
+        raise TransformerEngineMissing(
+            f"{what} needs NVIDIA Transformer Engine, which is not importable here: install it on a "
+            f"CUDA machine with `pip install --no-build-isolation 'transformer-engine[pytorch]'` "
+            f"(see README, 'Optional extras') or use --transformer-impl local without FP8"
+        )
+
+
+def _router_class(config: TransformerConfig) -> type:
+    return QueryNormHeadRouter if config.moh_router == "query_norm" else LearnedHeadRouter
+
+
+def _attention_spec(config: TransformerConfig, moh: bool, linear_qkv, core_attention, linear_proj) -> ModuleSpec:
+    common = dict(
+        linear_qkv=linear_qkv, core_attention=core_attention, linear_proj=linear_proj,
+        q_layernorm=IdentityOp, k_layernorm=IdentityOp,
+    )
+    if not moh:
+        return ModuleSpec(SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                          submodules=SelfAttentionSubmodules(**common))
+    return ModuleSpec(MoHSelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                      submodules=MoHSelfAttentionSubmodules(**common, router=_router_class(config)))
+
+
+def local_layer_spec(config: TransformerConfig, moh: bool = True) -> ModuleSpec:
+    """A Llama-style layer from megatron-core's own modules (CPU and GPU)."""
+    base = get_gpt_layer_local_submodules()
+    attention = base.self_attention.submodules
+    submodules = dataclasses.replace(
+        base,
+        input_layernorm=TorchNorm,
+        pre_mlp_layernorm=TorchNorm,
+        self_attention=_attention_spec(
+            config, moh, attention.linear_qkv, attention.core_attention, attention.linear_proj
+        ),
+        sharded_state_dict_keys_map=dict(_KEYS_MAP),
+    )
+    return ModuleSpec(TransformerLayer, submodules=submodules)
+
+
+def te_layer_spec(config: TransformerConfig, moh: bool = True) -> ModuleSpec:
+    """A Llama-style layer from Transformer Engine modules, so FP8 applies to its GEMMs."""
+    require_transformer_engine("the Transformer Engine layer spec")
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TENorm,
+        TERowParallelLinear,
+    )
+
+    submodules = TransformerLayerSubmodules(
+        input_layernorm=TENorm,
+        self_attention=_attention_spec(
+            config, moh, TEColumnParallelLinear, TEDotProductAttention, TERowParallelLinear
+        ),
+        self_attn_bda=get_bias_dropout_add,
+        pre_mlp_layernorm=IdentityOp,
+        mlp=functools.partial(
+            MLP.as_mlp_submodule,
+            submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear),
+        ),
+        mlp_bda=get_bias_dropout_add,
+        sharded_state_dict_keys_map={"input_layernorm.": _KEYS_MAP["input_layernorm."]},
+    )
+    return ModuleSpec(TransformerLayer, submodules=submodules)
+
+
+def block_spec(
+    config: TransformerConfig,
+    backend: str = "local",
+    moh: bool = True,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+) -> ModuleSpec:
+    """The decoder block of one pipeline stage: its layers and the final norm."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+    if backend == "te":
+        layer = te_layer_spec(config, moh)
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        layer = local_layer_spec(config, moh)
+        final_norm = TorchNorm
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return ModuleSpec(
+        TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm),
+    )
