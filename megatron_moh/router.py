@@ -19,7 +19,8 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_tensor_model_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_moh.config import MoHTransformerConfig
@@ -28,6 +29,7 @@ LOAD_BALANCE_LOSS = "moh_load_balance_loss"
 
 
 def gates_from_logits(
+    tokens: Tensor,
     routed_logits: Tensor | None,
     shared_logits: Tensor | None,
     stage_logits: Tensor | None,
@@ -36,13 +38,12 @@ def gates_from_logits(
     gate: str,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gates over all heads ``[..., H]`` from router logits, plus routed probabilities and the
-    0/1 top-k mask (None when there are no routed heads)."""
-    lead = (routed_logits if routed_logits is not None else shared_logits).shape[:-1]
+    0/1 top-k mask (None when there are no routed heads). ``tokens`` is any ``[..., x]`` tensor
+    whose leading dimensions are the token dimensions."""
     if shared_logits is not None:
         shared = num_shared * torch.softmax(shared_logits, dim=-1)
     else:
-        ref = routed_logits if routed_logits is not None else shared_logits
-        shared = torch.ones(*lead, num_shared, dtype=torch.float32, device=ref.device)
+        shared = torch.ones(*tokens.shape[:-1], num_shared, dtype=torch.float32, device=tokens.device)
     probs = mask = None
     parts = [shared]
     if routed_logits is not None:
@@ -91,26 +92,27 @@ class HeadRouter(MegatronModule):
         counts are summed across TP and each rank's loss covers its own tokens, so the router
         weight's TP all-reduce adds the shares up exactly.
         """
+        counting = torch.is_grad_enabled() and self.training  # once per step, not on recompute
         with torch.no_grad():
             counts = mask.reshape(-1, self.num_routed).sum(dim=0)
             if partial_tokens and self.tp_size > 1:
                 torch.distributed.all_reduce(counts, group=self.tp_group)
             tokens = counts.sum() / self.topk
-            if torch.is_grad_enabled() and self.training:  # counted once per step, not on recompute
+            if counting:
                 self.head_usage += counts
                 self.tokens_routed += tokens
         fraction = counts / (tokens * self.topk)
         mean_prob = probs.reshape(-1, self.num_routed).sum(dim=0) / tokens
         loss = self.num_routed * torch.sum(mean_prob * fraction)
-        save_to_aux_losses_tracker(
+        get_moe_metrics_tracker().record(
             LOAD_BALANCE_LOSS,
             loss,
-            self.layer_number,
-            self.config.num_layers,
+            layer_number=self.layer_number,
+            num_layers=self.config.num_layers,
             reduce_group=self.tp_group if partial_tokens else None,
         )
         coeff = self.config.moh_load_balance_coeff
-        if coeff > 0 and self.training and torch.is_grad_enabled():
+        if coeff > 0 and counting:
             gates = MoEAuxLossAutoScaler.apply(gates, loss * (coeff / self.config.num_layers))
         return gates
 
@@ -143,6 +145,7 @@ class LearnedHeadRouter(HeadRouter):
             [self.num_shared_logits, self.num_routed, self.num_stage_logits], dim=-1
         )
         gates, probs, mask = gates_from_logits(
+            logits,
             routed_logits if self.num_routed else None,
             shared_logits if self.num_shared_logits else None,
             stage_logits if self.num_stage_logits else None,
@@ -177,7 +180,7 @@ class QueryNormHeadRouter(HeadRouter):
             routed = norms[..., self.num_shared :]
             routed_logits = routed / routed.std(dim=-1, keepdim=True).clamp_min(self.eps)
         gates, probs, mask = gates_from_logits(
-            routed_logits, None, None, self.num_shared, self.topk, self.config.moh_gate
+            norms, routed_logits, None, None, self.num_shared, self.topk, self.config.moh_gate
         )
         if self.num_routed:
             gates = self.add_load_balance_loss(gates, probs, mask, partial_tokens=False)

@@ -1,0 +1,27 @@
+"""Test session set-up: CPU/gloo platform and a one-rank process group for single-process tests."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+from megatron_moh import platform
+
+platform.setup(force_cpu=True)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_rank_process_group():
+    """Single-process tests build megatron modules, which need model-parallel groups."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not torch.distributed.is_initialized():
+        store = tempfile.mkdtemp(prefix="moh-pg-")
+        platform.init_process_group(0, 1, init_method=f"file://{store}/rendezvous")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(1234)
+    yield

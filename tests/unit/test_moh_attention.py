@@ -1,0 +1,117 @@
+"""The MoH layer at TP=1 against the plain-torch equations in tests/reference.py."""
+
+import pytest
+import torch
+
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+from megatron_moh.router import LOAD_BALANCE_LOSS
+from tests.helpers import build_attention, rotary, tiny_config
+from tests.reference import RefSettings, reference_load_balance, reference_moh_attention
+
+SEQ, BATCH = 12, 2
+FP32_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _settings(cfg) -> RefSettings:
+    return RefSettings(
+        heads=cfg.num_attention_heads, groups=cfg.num_query_groups, head_dim=cfg.kv_channels,
+        shared=cfg.moh_num_shared_heads, topk=cfg.moh_topk, router=cfg.moh_router,
+        gate=cfg.moh_gate, two_stage=cfg.moh_two_stage,
+    )
+
+
+def _run_layer(cfg, x, grad_out):
+    torch.manual_seed(0)
+    attn = build_attention(cfg)
+    attn.train()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    x = x.clone().requires_grad_(True)
+    out, _ = attn(x, attention_mask=None, rotary_pos_emb=rotary(cfg, SEQ))
+    (out * grad_out).sum().backward()
+    return attn, out, x.grad
+
+
+@pytest.mark.parametrize(
+    "router,gate,two_stage",
+    [("learned", "weighted", True), ("learned", "weighted", False), ("learned", "binary", False),
+     ("query_norm", "binary", False), ("query_norm", "weighted", False)],
+)
+def test_layer_matches_paper_equations(router, gate, two_stage):
+    cfg = tiny_config(moh_router=router, moh_gate=gate, moh_two_stage=two_stage)
+    torch.manual_seed(1)
+    x = torch.randn(SEQ, BATCH, cfg.hidden_size)
+    grad_out = torch.randn(SEQ, BATCH, cfg.hidden_size)
+    attn, out, x_grad = _run_layer(cfg, x, grad_out)
+
+    params = {
+        "qkv": attn.linear_qkv.weight.detach().clone().requires_grad_(True),
+        "proj": attn.linear_proj.weight.detach().clone().requires_grad_(True),
+    }
+    router_weight = None
+    if router == "learned":
+        router_weight = params["router"] = attn.router.weight.detach().clone().requires_grad_(True)
+    x_ref = x.clone().requires_grad_(True)
+    settings = _settings(cfg)
+    ref_out, _, probs, mask = reference_moh_attention(x_ref, params["qkv"], params["proj"], router_weight, settings)
+    aux = reference_load_balance(probs, mask, settings)
+    loss = (ref_out * grad_out).sum() + cfg.moh_load_balance_coeff / cfg.num_layers * aux
+    loss.backward()
+
+    torch.testing.assert_close(out, ref_out, **FP32_TOL)
+    torch.testing.assert_close(x_grad, x_ref.grad, **FP32_TOL)
+    torch.testing.assert_close(attn.linear_qkv.weight.grad, params["qkv"].grad, **FP32_TOL)
+    torch.testing.assert_close(attn.linear_proj.weight.grad, params["proj"].grad, **FP32_TOL)
+    if router == "learned":
+        torch.testing.assert_close(attn.router.weight.grad, params["router"].grad, **FP32_TOL)
+
+
+def test_load_balance_loss_value_and_gradient():
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    cfg = tiny_config(moh_load_balance_coeff=0.5, moh_router="learned")
+    torch.manual_seed(2)
+    x = torch.randn(SEQ, BATCH, cfg.hidden_size)
+    tracker = get_moe_metrics_tracker()
+    tracker.clear()
+    attn, _, _ = _run_layer(cfg, x, torch.zeros(SEQ, BATCH, cfg.hidden_size))
+    # The LM-side loss is zero here, so every router gradient comes from the balance loss.
+    grad = attn.router.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    w = attn.router.weight.detach().clone().requires_grad_(True)
+    qkv = attn.linear_qkv.weight.detach()
+    _, _, probs, mask = reference_moh_attention(x, qkv, attn.linear_proj.weight.detach(), w, _settings(cfg))
+    aux = reference_load_balance(probs, mask, _settings(cfg))
+    (cfg.moh_load_balance_coeff / cfg.num_layers * aux).backward()
+    torch.testing.assert_close(grad, w.grad, **FP32_TOL)
+    recorded = tracker.metrics[LOAD_BALANCE_LOSS].values[0]
+    torch.testing.assert_close(recorded, aux.detach(), **FP32_TOL)
+    assert aux.item() >= 1.0 - 1e-6  # uniform routing is the minimum
+
+
+def test_all_shared_heads_equal_megatron_self_attention():
+    cfg = tiny_config(moh_num_shared_heads=8, moh_topk=0, moh_router="query_norm")
+    torch.manual_seed(3)
+    x = torch.randn(SEQ, BATCH, cfg.hidden_size, requires_grad=True)
+    moh = build_attention(cfg, moh=True)
+    dense = build_attention(cfg, moh=False)
+    dense.load_state_dict(moh.state_dict(), strict=False)
+    rot = rotary(cfg, SEQ)
+    out_moh, _ = moh(x, attention_mask=None, rotary_pos_emb=rot)
+    out_dense, _ = dense(x, attention_mask=None, rotary_pos_emb=rot)
+    assert torch.equal(out_moh, out_dense)
+    g = torch.randn_like(out_moh)
+    grads_moh = torch.autograd.grad((out_moh * g).sum(), [x, moh.linear_qkv.weight])
+    grads_dense = torch.autograd.grad((out_dense * g).sum(), [x, dense.linear_qkv.weight])
+    for a, b in zip(grads_moh, grads_dense):
+        assert torch.equal(a, b)
+
+
+def test_head_usage_counts_routing_slots():
+    cfg = tiny_config()
+    torch.manual_seed(4)
+    attn, _, _ = _run_layer(cfg, torch.randn(SEQ, BATCH, cfg.hidden_size), torch.ones(SEQ, BATCH, cfg.hidden_size))
+    usage = attn.router.reset_head_usage()
+    assert usage.shape == (cfg.moh_num_routed_heads,)
+    torch.testing.assert_close(usage.sum(), torch.tensor(1.0))
+    assert attn.router.tokens_routed.item() == 0
