@@ -80,8 +80,10 @@ def _is_cuda_device(dev: Any) -> bool:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Rewrites CUDA device arguments to the CPU and makes ``Tensor.type()`` report CUDA names
-    (megatron compares parameter types with ``'torch.cuda.FloatTensor'``)."""
+    """Rewrites literal CUDA device arguments (``device="cuda"``, ``.cuda()``) to the CPU and makes
+    ``Tensor.type()`` report CUDA names (megatron compares parameter types with
+    ``'torch.cuda.FloatTensor'``). A mode is inactive while it handles a call, so work nested in
+    ``Tensor.backward`` is not rewritten; megatron's backward code uses ``current_device()``."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -130,7 +132,9 @@ def use_cpu() -> None:
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     cuda = torch.cuda
     cuda.is_available = lambda: False
-    cuda.current_device = lambda: 0
+    # Most of megatron passes device=torch.cuda.current_device(); code running inside autograd
+    # backward escapes the function mode below, so the device itself must be the CPU.
+    cuda.current_device = lambda: torch.device("cpu")
     cuda.device_count = lambda: 0
     cuda.set_device = lambda *a, **k: None
     cuda.synchronize = lambda *a, **k: None

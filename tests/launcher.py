@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import tempfile
 import traceback
 from typing import Any, Callable
@@ -29,14 +30,16 @@ def _context() -> mp.context.BaseContext:
 def _worker(fn: Callable, rank: int, world_size: int, init_file: str, queue, args, kwargs) -> None:
     try:
         import torch
+        from torch.utils._pytree import tree_map
 
         from megatron_moh import platform
 
         platform.setup(force_cpu=True)
         torch.set_num_threads(1)
         platform.init_process_group(rank, world_size, init_method=f"file://{init_file}")
-        result = fn(rank, world_size, *args, **kwargs)
-        queue.put((rank, "ok", result))
+        result = tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t,
+                          fn(rank, world_size, *args, **kwargs))
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - reported to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -65,7 +68,7 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 240, **kw
             for _ in range(world_size):
                 rank, status, payload = queue.get(timeout=timeout)
                 if status == "ok":
-                    results[rank] = payload
+                    results[rank] = pickle.loads(payload)
                 else:
                     errors.append(f"rank {rank}:\n{payload}")
                     break

@@ -1,0 +1,117 @@
+"""TP=2 and TP=4 (with and without sequence parallelism, with GQA) against TP=1: outputs, loss,
+every parameter's gradient, the input gradient, and router weights after optimizer steps."""
+
+import pytest
+import torch
+
+from tests.launcher import launch
+
+SEQ, BATCH = 16, 2
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _tp_worker(rank, world, cfg_kwargs, sequence_parallel, weights, x, grad_out, steps):
+    import torch.distributed as dist
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from tests.helpers import build_attention, rotary, tiny_config
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    model_parallel_cuda_manual_seed(7)
+    cfg = tiny_config(**cfg_kwargs, tensor_model_parallel_size=world, sequence_parallel=sequence_parallel)
+    attn = build_attention(cfg)
+    attn.train()
+    with torch.no_grad():
+        attn.linear_qkv.weight.copy_(weights["qkv"].chunk(world, dim=0)[rank])
+        attn.linear_proj.weight.copy_(weights["proj"].chunk(world, dim=1)[rank])
+        if "router" in weights:
+            attn.router.weight.copy_(weights["router"])
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    rot = rotary(cfg, SEQ)
+
+    def local_tokens(t):
+        return t.chunk(world, dim=0)[rank] if sequence_parallel else t
+
+    def gather(t, dim):
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim=dim)
+
+    def sync_sequence_parallel_grads():
+        # What finalize_model_grads does for params tagged sequence_parallel (router, norms).
+        for p in attn.parameters():
+            if sequence_parallel and getattr(p, "sequence_parallel", False) and p.grad is not None:
+                dist.all_reduce(p.grad)
+
+    x_local = local_tokens(x).clone().requires_grad_(True)
+    out, _ = attn(x_local, attention_mask=None, rotary_pos_emb=rot)
+    loss = (out * local_tokens(grad_out)).sum()
+    loss.backward()
+    sync_sequence_parallel_grads()
+    result = {
+        "out": gather(out, 0) if sequence_parallel else out,
+        "x_grad": gather(x_local.grad, 0) if sequence_parallel else x_local.grad,
+        "qkv_grad": gather(attn.linear_qkv.weight.grad, 0),
+        "proj_grad": gather(attn.linear_proj.weight.grad, 1),
+    }
+    if "router" in weights:
+        result["router_grad"] = attn.router.weight.grad.clone()
+
+    optimizer = torch.optim.Adam(attn.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(steps):
+        optimizer.step()
+        optimizer.zero_grad()
+        xs = torch.randn(SEQ, BATCH, cfg.hidden_size, generator=generator)
+        out, _ = attn(local_tokens(xs), attention_mask=None, rotary_pos_emb=rot)
+        # Under SP each rank holds a share of the tokens: shares of a sum add up to the loss.
+        (out.square().sum() / xs.numel()).backward()
+        sync_sequence_parallel_grads()
+    if "router" in weights:
+        result["router_after_steps"] = gather(attn.router.weight.detach()[None], 0)
+    return result
+
+
+CASES = [
+    # tp, sequence_parallel, router, query groups
+    (2, False, "learned", 4),
+    (2, True, "learned", 4),
+    (2, True, "query_norm", 4),
+    (4, False, "query_norm", 2),
+    (4, True, "learned", 2),
+    (4, False, "learned", 4),
+]
+
+
+@pytest.mark.parametrize("tp,sp,router,groups", CASES)
+def test_tensor_parallel_matches_one_process(tp, sp, router, groups):
+    from tests.helpers import tiny_config
+
+    cfg_kwargs = dict(moh_router=router, num_query_groups=groups, moh_load_balance_coeff=0.1)
+    cfg = tiny_config(**cfg_kwargs)
+    torch.manual_seed(5)
+    d_qkv = cfg.kv_channels * (cfg.num_attention_heads + 2 * groups)
+    weights = {
+        "qkv": torch.randn(d_qkv, cfg.hidden_size) * 0.2,
+        "proj": torch.randn(cfg.hidden_size, cfg.kv_channels * cfg.num_attention_heads) * 0.2,
+    }
+    if router == "learned":
+        rows = cfg.moh_num_shared_heads + cfg.moh_num_routed_heads + 2
+        weights["router"] = torch.randn(rows, cfg.hidden_size) * 0.5
+    x = torch.randn(SEQ, BATCH, cfg.hidden_size)
+    grad_out = torch.randn(SEQ, BATCH, cfg.hidden_size)
+
+    (ref,) = launch(_tp_worker, 1, cfg_kwargs, False, weights, x, grad_out, 3)
+    results = launch(_tp_worker, tp, cfg_kwargs, sp, weights, x, grad_out, 3)
+    for rank, res in enumerate(results):
+        for key in ("out", "x_grad", "qkv_grad", "proj_grad", "router_grad"):
+            if key in ref:
+                torch.testing.assert_close(res[key], ref[key], **TOL, msg=lambda m: f"rank {rank} {key}: {m}")
+        if "router_after_steps" in ref:
+            after = res["router_after_steps"]
+            for other in after[1:]:
+                assert torch.equal(other, after[0]), "router weights differ across TP ranks"
+            torch.testing.assert_close(after[0], ref["router_after_steps"][0], rtol=1e-4, atol=1e-5)
