@@ -51,12 +51,30 @@ def setup(force_cpu: bool | None = None) -> torch.device:
 
     Call once at start-up, before megatron builds anything.
     """
+    # The megatron-core wheel ships its compiled dataset helpers but no Makefile: megatron.training
+    # would try to rebuild them with `make` at start-up and fail.
+    from megatron.core.datasets import utils as dataset_utils
+
+    dataset_utils.compile_helpers = lambda: None
     if force_cpu or (force_cpu is None and cpu_requested()):
         use_cpu()
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank % torch.cuda.device_count())
     return device()
+
+
+def single_process_defaults() -> None:
+    """Let plain ``python script.py`` run as a one-rank job (torchrun sets these itself)."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def init_process_group(rank: int, world_size: int, init_method: str | None = None, **kwargs: Any) -> None:
@@ -132,10 +150,11 @@ def use_cpu() -> None:
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     cuda = torch.cuda
     cuda.is_available = lambda: False
+    # megatron.training initialises model parallelism and seeds only when it counts a device.
+    cuda.device_count = lambda: 1
     # Most of megatron passes device=torch.cuda.current_device(); code running inside autograd
     # backward escapes the function mode below, so the device itself must be the CPU.
     cuda.current_device = lambda: torch.device("cpu")
-    cuda.device_count = lambda: 0
     cuda.set_device = lambda *a, **k: None
     cuda.synchronize = lambda *a, **k: None
     cuda.empty_cache = lambda *a, **k: None
@@ -168,5 +187,20 @@ def use_cpu() -> None:
     )
     mp_random._set_cuda_rng_state = _cpu_rng_set
 
+    _use_cpu_in_megatron_training()
     _CPU_MODE = _CudaToCpu()
     _CPU_MODE.__enter__()  # stays active for the life of the process
+
+
+def _use_cpu_in_megatron_training() -> None:
+    """The few CUDA-only spots of megatron.training (its loop, arguments and initialisation)."""
+    from megatron.training import arguments, initialize, training
+
+    original_initialize = initialize.initialize_megatron
+
+    def initialize_megatron(*args: Any, **kwargs: Any) -> Any:
+        kwargs["allow_no_cuda"] = True
+        return original_initialize(*args, **kwargs)
+
+    training.initialize_megatron = initialize_megatron
+    arguments.get_device_arch_version = lambda: 0

@@ -1,0 +1,97 @@
+"""The pieces megatron.training.pretrain() calls for an MoH GPT: model, batches, loss, data.
+
+The loop, optimizer, schedules, checkpointing and logging are megatron's own.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.models.gpt import GPTModel
+from megatron.training import get_args, get_tokenizer
+from megatron.training.argument_utils import core_transformer_config_from_args
+from megatron.training.utils.common_utils import get_blend_and_blend_per_split, print_rank_0
+
+from megatron_moh import platform
+from megatron_moh.builder import build_gpt_model
+from megatron_moh.config import MoHTransformerConfig
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+                   config=None, pg_collection=None) -> GPTModel:
+    """One (virtual) pipeline stage of the MoH GPT described by the command line."""
+    args = get_args()
+    config = core_transformer_config_from_args(args, MoHTransformerConfig)
+    backend = "te" if args.transformer_impl == "transformer_engine" else "local"
+    return build_gpt_model(
+        config,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        backend=backend,
+        moh=not args.moh_dense_baseline,
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        rotary_base=args.rotary_base,
+        pg_collection=pg_collection,
+    )
+
+
+def get_batch(data_iterator):
+    """Next micro-batch on this rank (every rank reads its own identical loader)."""
+    batch = next(data_iterator)
+    device = platform.device()
+    return (batch[key].to(device, non_blocking=True) for key in
+            ("tokens", "labels", "loss_mask", "attention_mask", "position_ids"))
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of token losses and the token count; megatron divides and averages. The load-balance
+    loss is not added here: it reaches the router through megatron's aux-loss scaler."""
+    losses = output_tensor.float().view(-1)
+    loss_mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * loss_mask)
+    num_tokens = loss_mask.sum().clone().detach().to(torch.int)
+    report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model: GPTModel, return_schedule_plan: bool = False):
+    """megatron's forward step: logits -> per-token losses, and the loss function to apply."""
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
+    output = model(tokens, position_ids, attention_mask, labels=labels)
+    return output, partial(loss_func, loss_mask)
+
+
+def datasets_provider(train_val_test_num_samples, vp_stage: int | None = None):
+    """Train/valid/test GPT datasets from --data-path blends (or mock data)."""
+    args = get_args()
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+    )
+    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+    print_rank_0(f"> building train, validation and test datasets ({dataset_type.__name__}) ...")
+    return BlendedMegatronDatasetBuilder(
+        dataset_type, train_val_test_num_samples, lambda: True, config
+    ).build()
+
+
+# Every rank builds the same loaders, so no rank waits on a broadcast of its batch.
+datasets_provider.is_distributed = True
