@@ -148,6 +148,8 @@ def use_cpu() -> None:
     if _CPU_MODE is not None:
         return
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    # megatron.training asserts this for TP on pre-Blackwell GPUs; CPU work is synchronous anyway.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     cuda = torch.cuda
     cuda.is_available = lambda: False
     # megatron.training initialises model parallelism and seeds only when it counts a device.
