@@ -151,6 +151,12 @@ class MoHTransformerConfig(TransformerConfig):
             self.num_query_groups = self.num_attention_heads
         resolve_moh_defaults(self)
         check_moh_config(self)
+        if self.experimental_attention_variant_loss_scale_func is None:
+            # megatron's schedules call this hook with the main loss's scale (1 / micro-batches, times
+            # the fp16 loss scale), which the load-balance loss's backward then uses.
+            from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+            self.experimental_attention_variant_loss_scale_func = MoEAuxLossAutoScaler.set_loss_scale
         super().__post_init__()
 
     @property
