@@ -1,0 +1,100 @@
+"""Configuration of a Llama model with Mixture-of-Head attention (MoH, arXiv 2410.11842).
+
+Self-contained (imports only transformers): this file is copied next to exported weights and
+loaded with ``trust_remote_code=True``.
+
+Of the ``H`` query heads the first ``moh_num_shared_heads`` are used by every token; each token
+keeps ``moh_topk`` of the other ``H - moh_num_shared_heads`` (routed) heads. Each head's attention
+output is scaled by its gate before ``o_proj``; keys and values are never gated. Gate convention
+(a layer whose gates are all 1 is plain multi-head attention):
+
+* learned router, weighted gates: ``g_shared = h_s * softmax(W_s x)``, ``p = softmax(W_r x)``,
+  ``g_routed = k * p / sum(p[topk])`` on the top-k and 0 elsewhere; with two stages
+  ``[a1, a2] = 2 * softmax(W_h x)`` multiply the shared / routed gates. The router weight rows are
+  ``[W_s (weighted gates only), W_r, W_h (two-stage only)]``, applied to the normalised hidden
+  state that enters the attention.
+* binary gates: shared gates are 1, a chosen routed head's gate is 1 (straight-through gradient
+  of ``p``), an unchosen head's gate is 0.
+* query-norm router (no parameters): routing logits are the L2 norms of the routed heads' queries
+  divided by their standard deviation across routed heads.
+"""
+
+from transformers import LlamaConfig
+
+MOH_ROUTERS = ("learned", "query_norm")
+MOH_GATES = ("weighted", "binary")
+MOH_ATTENTION_IMPLS = ("dense", "sparse")
+
+
+class MoHLlamaConfig(LlamaConfig):
+    """LlamaConfig plus the mixture-of-heads fields; None fields take the paper's defaults."""
+
+    model_type = "moh_llama"
+
+    moh_num_shared_heads: int | None = None
+    moh_topk: int | None = None
+    moh_router: str = "learned"
+    moh_gate: str | None = None
+    moh_two_stage: bool | None = None
+    moh_attention_impl: str = "dense"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        heads = self.num_attention_heads
+        if self.moh_num_shared_heads is None:
+            self.moh_num_shared_heads = heads // 2
+        if self.moh_topk is None:
+            self.moh_topk = min(max(heads // 4, 1), heads - self.moh_num_shared_heads)
+        if self.moh_gate is None:
+            self.moh_gate = "binary" if self.moh_router == "query_norm" else "weighted"
+        if self.moh_two_stage is None:
+            self.moh_two_stage = (
+                self.moh_router == "learned"
+                and self.moh_gate == "weighted"
+                and 0 < self.moh_num_shared_heads < heads
+            )
+        self._check_moh()
+
+    def _check_moh(self) -> None:
+        """Refuse layouts the attention cannot run, with a one-line fix."""
+        heads, shared, topk = self.num_attention_heads, self.moh_num_shared_heads, self.moh_topk
+        if not (isinstance(shared, int) and isinstance(topk, int)):
+            raise ValueError(f"moh_num_shared_heads={shared!r} and moh_topk={topk!r} must be integers")
+        routed = heads - shared
+        problems = []
+        if self.moh_router not in MOH_ROUTERS:
+            problems.append(f"moh_router={self.moh_router!r} is unknown: use one of {', '.join(MOH_ROUTERS)}")
+        if self.moh_gate not in MOH_GATES:
+            problems.append(f"moh_gate={self.moh_gate!r} is unknown: use one of {', '.join(MOH_GATES)}")
+        if self.moh_attention_impl not in MOH_ATTENTION_IMPLS:
+            problems.append(f"moh_attention_impl={self.moh_attention_impl!r} is unknown: "
+                            f"use one of {', '.join(MOH_ATTENTION_IMPLS)}")
+        if not 0 <= shared <= heads:
+            problems.append(f"moh_num_shared_heads={shared} must be between 0 and num_attention_heads={heads}")
+        elif not 0 <= topk <= routed or (routed > 0 and topk == 0):
+            problems.append(f"moh_topk={topk} must be between 1 and the {routed} routed heads "
+                            f"(0 only when every head is shared)")
+        if self.moh_two_stage and not (self.moh_router == "learned" and self.moh_gate == "weighted"
+                                       and 0 < shared < heads):
+            problems.append("moh_two_stage needs the learned router, weighted gates and both shared and "
+                            "routed heads: set moh_two_stage=False")
+        if self.moh_router == "query_norm" and 0 < routed < 2:
+            problems.append("the query_norm router needs at least 2 routed heads: use fewer shared heads")
+        if problems:
+            raise ValueError(problems[0])
+
+    @property
+    def moh_num_routed_heads(self) -> int:
+        """Heads the router chooses from."""
+        return self.num_attention_heads - self.moh_num_shared_heads
+
+    @property
+    def moh_router_rows(self) -> int:
+        """Output rows of the learned router's weight (0 for the query-norm router)."""
+        if self.moh_router != "learned":
+            return 0
+        shared = self.moh_num_shared_heads if self.moh_gate == "weighted" else 0
+        return shared + self.moh_num_routed_heads + (2 if self.moh_two_stage else 0)
+
+
+__all__ = ["MoHLlamaConfig"]

@@ -1,0 +1,221 @@
+"""Llama with Mixture-of-Head attention (MoH, arXiv 2410.11842) for transformers 5.x.
+
+Self-contained (imports only torch and transformers): this file is copied next to exported
+weights and loaded with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
+Weight names are Llama's plus ``model.layers.N.self_attn.router.weight`` for the learned router.
+
+Each head's attention output (after the attention interface, before ``o_proj``) is scaled by a
+per-token gate; keys and values are never gated, so the KV cache, generation, left padding and
+every attention interface (eager, sdpa, ...) work unchanged. The gate math is the training
+code's (megatron_moh.router.gates_from_logits); the convention is in configuration_moh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from .configuration_moh import MoHLlamaConfig
+
+QUERY_NORM_STD_EPS = 1e-6
+
+
+def moh_gates(
+    like: torch.Tensor,
+    routed_logits: torch.Tensor | None,
+    shared_logits: torch.Tensor | None,
+    stage_logits: torch.Tensor | None,
+    num_shared: int,
+    topk: int,
+    gate: str,
+) -> torch.Tensor:
+    """Float32 gates ``[..., H]`` (shared heads first) from router logits; ``like`` gives the
+    token dimensions. Same operations, in the same order, as the training code, so an exported
+    model reproduces its logits."""
+    if shared_logits is not None:
+        shared = num_shared * torch.softmax(shared_logits, dim=-1)
+    else:
+        shared = torch.ones(*like.shape[:-1], num_shared, dtype=torch.float32, device=like.device)
+    if routed_logits is None:
+        return shared
+    probs = torch.softmax(routed_logits, dim=-1)
+    chosen = probs.topk(topk, dim=-1).indices
+    mask = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
+    if gate == "weighted":
+        kept = probs * mask
+        routed = topk * kept / kept.sum(dim=-1, keepdim=True)
+    else:  # 1 in the forward pass, gradient of the chosen heads' probabilities (straight-through)
+        routed = mask * (1.0 + probs - probs.detach())
+    if stage_logits is not None:
+        stage = 2.0 * torch.softmax(stage_logits, dim=-1)
+        shared = shared * stage[..., :1]
+        routed = routed * stage[..., 1:]
+    return torch.cat([shared, routed], dim=-1)
+
+
+class MoHLlamaAttention(LlamaAttention):
+    """Llama attention whose query heads are mixed by per-token router gates."""
+
+    def __init__(self, config: MoHLlamaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.num_heads = config.num_attention_heads
+        self.num_shared = config.moh_num_shared_heads
+        self.num_routed = self.num_heads - self.num_shared
+        self.topk = config.moh_topk
+        self.gate = config.moh_gate
+        self.router_kind = config.moh_router
+        if self.router_kind == "learned":
+            self.num_shared_logits = self.num_shared if self.gate == "weighted" else 0
+            self.num_stage_logits = 2 if config.moh_two_stage else 0
+            self.router = nn.Linear(config.hidden_size, config.moh_router_rows, bias=False)
+
+    def head_gates(self, hidden_states: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Float32 gates ``[B, T, H]`` from the normalised hidden states ``[B, T, hidden]`` and the
+        (pre-RoPE) queries ``[B, T, H, D]``."""
+        if self.router_kind == "learned":
+            logits = self.router(hidden_states).float()
+            shared_logits, routed_logits, stage_logits = logits.split(
+                [self.num_shared_logits, self.num_routed, self.num_stage_logits], dim=-1
+            )
+            return moh_gates(
+                logits,
+                routed_logits if self.num_routed else None,
+                shared_logits if self.num_shared_logits else None,
+                stage_logits if self.num_stage_logits else None,
+                self.num_shared,
+                self.topk,
+                self.gate,
+            )
+        norms = query.float().norm(dim=-1)
+        routed_logits = None
+        if self.num_routed:
+            routed = norms[..., self.num_shared :]
+            routed_logits = routed / routed.std(dim=-1, keepdim=True).clamp_min(QUERY_NORM_STD_EPS)
+        return moh_gates(norms, routed_logits, None, None, self.num_shared, self.topk, self.gate)
+
+    def attend(self, query, key, value, attention_mask, gates, **kwargs):
+        """Attention over all heads, output ``[B, T, H, D]``.
+
+        Hook for ``moh_attention_impl='sparse'``: a kernel that skips the query rows whose gate is
+        0 would go here (``gates`` is passed for that). Until one exists, 'sparse' runs the dense
+        path, which gives the same output since unchosen heads are zeroed afterwards.
+        """
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        return attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Llama's attention with the gates applied between the attention and ``o_proj``."""
+        cache = cache if cache is not None else past_key_values  # the name differs across 5.x
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        gates = self.head_gates(hidden_states, query)
+        query_states = query.transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if cache is not None:  # called exactly as the installed Llama attention calls it
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+        attn_output, attn_weights = self.attend(
+            query_states, key_states, value_states, attention_mask, gates, **kwargs
+        )
+        attn_output = attn_output * gates.unsqueeze(-1).to(attn_output.dtype)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class MoHLlamaDecoderLayer(LlamaDecoderLayer):
+    """A Llama decoder layer with MoH attention."""
+
+    def __init__(self, config: MoHLlamaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = MoHLlamaAttention(config=config, layer_idx=layer_idx)
+
+
+class MoHLlamaPreTrainedModel(LlamaPreTrainedModel):
+    """Binds the MoH config and layer classes to transformers' loading machinery."""
+
+    config_class = MoHLlamaConfig
+    config: MoHLlamaConfig
+    _no_split_modules = ["MoHLlamaDecoderLayer"]
+    _can_record_outputs = {
+        "hidden_states": MoHLlamaDecoderLayer,
+        "attentions": MoHLlamaAttention,
+    }
+
+
+class MoHLlamaModel(MoHLlamaPreTrainedModel, LlamaModel):
+    """LlamaModel with MoH decoder layers; the forward pass is Llama's."""
+
+    def __init__(self, config: MoHLlamaConfig):
+        # LlamaModel.__init__ would build (and initialise) plain Llama layers first; skip it.
+        LlamaPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [MoHLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class MoHLlamaForCausalLM(MoHLlamaPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+    """Causal LM head over MoHLlamaModel; forward and generation are Llama's."""
+
+    def __init__(self, config: MoHLlamaConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = MoHLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+__all__ = [
+    "MoHLlamaAttention",
+    "MoHLlamaDecoderLayer",
+    "MoHLlamaForCausalLM",
+    "MoHLlamaModel",
+    "MoHLlamaPreTrainedModel",
+    "moh_gates",
+]
