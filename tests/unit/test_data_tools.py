@@ -1,0 +1,336 @@
+"""Tokenizer, preprocessing, blends and fail-fast checks of the data side (one process, CPU).
+
+Tokenizers here are tiny (vocab 400-500, trained on a few hundred stdlib docstrings in well under
+a second) so the whole file runs in seconds after the one megatron import.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+
+from megatron_moh import data
+from megatron_moh import tokenizer as tk
+
+REPO = Path(__file__).resolve().parents[2]
+ROUND_TRIP_TEXTS = [
+    "Return the number of items in a container.",
+    "Two  spaces, a\ttab,\n    an indented line\n\nand a blank one.",
+    " leading and trailing spaces  ",
+    "naïve café, 東京, emoji 😀 and digits 12345",
+    "",
+]
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def small_docs() -> list[str]:
+    return list(itertools.islice(data.builtin_corpus_text(), 400))
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tok")
+
+
+@pytest.fixture(scope="module")
+def model_400(small_docs, tok_dir) -> str:
+    return tk.train_tokenizer(small_docs, str(tok_dir / "v400"), 400)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_400(model_400):
+    return tk.load_tokenizer(model_400)
+
+
+@pytest.fixture(scope="module")
+def jsonl_input(tmp_path_factory, small_docs) -> tuple[Path, list[str]]:
+    docs = small_docs[:60] + ["", "   "] + small_docs[60:80]  # two empty documents to skip
+    path = tmp_path_factory.mktemp("inp") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path, [d for d in docs if d.strip()]
+
+
+def _one_line(err: BaseException) -> str:
+    message = str(err)
+    assert message and "\n" not in message, repr(message)
+    return message
+
+
+# --- built-in corpus -------------------------------------------------------------------------
+
+
+def test_builtin_corpus_is_real_english_and_deterministic():
+    docs = list(data.builtin_corpus_text())
+    text = "\n".join(docs)
+    assert len(text.encode("utf-8")) > 500_000
+    assert len(docs) > 1000
+    assert text.count(" the ") > 5000
+    assert any("JSON" in d and "Serialize" in d for d in docs)  # json.dumps's docstring
+    assert data._stdlib_sources() == data._stdlib_sources()
+    assert list(itertools.islice(data.builtin_corpus_text(), 50)) == docs[:50]
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trips_and_has_megatron_attributes(tokenizer_400, model_400):
+    tok = tokenizer_400
+    assert tok.vocab_size == 400
+    assert (tok.eod, tok.bos, tok.pad) == (tk.EOS_ID, tk.BOS_ID, tk.PAD_ID)
+    assert tok.unique_identifiers["tokenizer_path"] == model_400
+    assert "class" in tok.unique_identifiers
+    for text in ROUND_TRIP_TEXTS:
+        ids = tok.tokenize(text)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.detokenize(ids) == text
+    assert len(tok.tokenize("the the the")) < len("the the the")  # real merges were learnt
+
+
+def test_tokenizer_training_is_deterministic(small_docs, model_400, tmp_path):
+    again = tk.train_tokenizer(small_docs, str(tmp_path / "again"), 400)
+    assert Path(again).read_bytes() == Path(model_400).read_bytes()
+    assert (tmp_path / "again.vocab").read_text().splitlines()[2].startswith(tk.EOD_PIECE)
+
+
+def test_tokenizer_training_errors_are_one_line(small_docs, model_400, tmp_path):
+    with pytest.raises(tk.TokenizerError, match="too small"):
+        tk.train_tokenizer(small_docs, str(tmp_path / "tiny"), 100)
+    with pytest.raises(tk.TokenizerError, match="too large") as err:
+        tk.train_tokenizer(["just a few words"] * 3, str(tmp_path / "big"), 5000)
+    _one_line(err.value)
+    with pytest.raises(tk.TokenizerError, match="already exists"):
+        tk.train_tokenizer(small_docs, model_400[: -len(".model")], 400)
+    with pytest.raises(tk.TokenizerError, match="not found") as err:
+        tk.load_tokenizer(str(tmp_path / "nope.model"))
+    _one_line(err.value)
+
+
+# --- preprocessing ----------------------------------------------------------------------------
+
+
+def test_preprocess_cli_writes_exact_tokens_with_eod(
+    jsonl_input, model_400, tokenizer_400, tmp_path
+):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    path, docs = jsonl_input
+    prefix = tmp_path / "out" / "docs"
+    tool = _load_tool("preprocess_data")
+
+    def argv(out, *extra):
+        return ["--input", str(path), "--output-prefix", str(out), "--tokenizer-model", model_400,
+                "--no-progress", *extra]
+
+    assert tool.main(argv(prefix, "--workers", "2")) == 0
+
+    dataset = IndexedDataset(str(prefix))
+    assert len(dataset) == len(docs)  # the two empty documents were skipped
+    for i, doc in enumerate(docs):
+        expected = tokenizer_400.tokenize(doc) + [tokenizer_400.eod]  # megatron's own tokenize
+        assert dataset[i].tolist() == expected
+    assert dataset[0].dtype == numpy.uint16
+    meta = data.read_meta(str(prefix))
+    assert meta["documents"] == len(docs) and meta["skipped_empty"] == 2
+    assert meta["vocab_fingerprint"] == tk.vocab_fingerprint(tokenizer_400)
+    assert data.max_token_id(str(prefix)) == max(int(dataset[i].max()) for i in range(len(docs)))
+
+    # Same bytes with one worker, and without EOD the documents just lose their last id.
+    one = tmp_path / "one"
+    assert tool.main(argv(one, "--workers", "1")) == 0
+    assert Path(f"{one}.bin").read_bytes() == Path(f"{prefix}.bin").read_bytes()
+    bare = tmp_path / "bare"
+    assert tool.main(argv(bare, "--no-append-eod")) == 0
+    bare_dataset = IndexedDataset(str(bare))  # keep it alive: items are views of its mmap
+    assert bare_dataset[3].tolist() == dataset[3].tolist()[:-1]
+
+
+def test_text_inputs_split_into_documents(tmp_path, model_400):
+    txt = tmp_path / "a.txt"
+    txt.write_text("first paragraph\nstill first\n\nsecond paragraph\n\n\nthird\n")
+    assert list(data.iter_documents([str(txt)])) == [txt.read_text()]
+    assert list(data.iter_documents([str(txt)], txt_mode="paragraph")) == [
+        "first paragraph\nstill first", "second paragraph", "third"]
+    assert len(list(data.iter_documents([str(txt)], txt_mode="line"))) == 4
+    assert data.count_documents([str(txt)], "paragraph") == 3
+    stats = data.preprocess_documents(
+        data.iter_documents([str(txt)], txt_mode="paragraph"), str(tmp_path / "t"), model_400)
+    assert stats.documents == 3
+
+
+def test_preprocess_cli_rejects_bad_input_before_work(jsonl_input, model_400, tmp_path, capsys):
+    path, _ = jsonl_input
+    tool = _load_tool("preprocess_data")
+    out = str(tmp_path / "existing")
+
+    def argv(inp=str(path), prefix=str(tmp_path / "new"), model=model_400):
+        return ["--input", inp, "--output-prefix", prefix, "--tokenizer-model", model,
+                "--no-progress"]
+
+    assert tool.main(argv(prefix=out)) == 0
+    before = Path(f"{out}.bin").read_bytes()
+    capsys.readouterr()
+
+    bad_key = tmp_path / "bad.jsonl"
+    bad_key.write_text(json.dumps({"content": "x"}) + "\n")
+    cases = {
+        "already exists": argv(prefix=out),  # never overwrite without --overwrite
+        "does not exist": argv(inp=str(tmp_path / "missing.jsonl")),
+        "--json-key": argv(inp=str(bad_key)),
+        "unknown type": argv(inp=model_400),
+        "tokenizer model": argv(model=str(tmp_path / "nope.model")),
+        "without it": argv(prefix=f"{out}.bin"),
+    }
+    for needle, args in cases.items():
+        assert tool.main(args) == 2, needle
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, err
+    assert Path(f"{out}.bin").read_bytes() == before
+    assert not list(tmp_path.glob("new*")) and not list(tmp_path.glob("*.tmp-*"))
+    assert tool.main(argv(prefix=out) + ["--overwrite"]) == 0
+
+
+def test_train_tokenizer_cli(jsonl_input, tmp_path, capsys):
+    path, _ = jsonl_input
+    tool = _load_tool("train_tokenizer")
+    prefix = str(tmp_path / "cli")
+    argv = ["--input", str(path), "--model-prefix", prefix, "--vocab-size", "450"]
+    assert tool.main(argv) == 0
+    assert tk.load_tokenizer(f"{prefix}.model").vocab_size == 450
+    capsys.readouterr()
+    assert tool.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert tool.main(argv[:-1] + ["100", "--overwrite"]) == 2
+    assert "too small" in capsys.readouterr().err
+
+
+# --- blends and validation ------------------------------------------------------------------
+
+
+def _write_ids(prefix: Path, low: int, high: int, n_docs: int, eod: int) -> str:
+    """An indexed dataset whose documents use only ids in [low, high), each ending in `eod`."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = numpy.random.default_rng(low)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.uint16)
+    for _ in range(n_docs):
+        doc = numpy.append(rng.integers(low, high, size=int(rng.integers(5, 40))), eod)
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def test_blend_respects_weights(tmp_path, tokenizer_400):
+    """0.7/0.3 blend of two sources with disjoint ids: 1,000 samples, drawn shares within 0.01.
+
+    megatron's blending index is greedy and exact to within one sample, so 0.01 is generous.
+    Each sample's tokens are also checked to come from the source its dataset_id names.
+    """
+    eod = tokenizer_400.eod
+    a = _write_ids(tmp_path / "a", 10, 100, 300, eod)
+    b = _write_ids(tmp_path / "b", 100, 200, 300, eod)
+    kwargs = dict(sequence_length=16, num_samples=(1000, 20, 0), split="98,2,0", seed=7)
+    train, valid, test = data.build_gpt_datasets(
+        ["0.7", a, "0.3", b], tokenizer_400, path_to_cache=str(tmp_path / "cache"), **kwargs)
+    assert test is None and len(valid) >= 20
+    counts = [0, 0]
+    for i in range(len(train)):
+        sample = train[i]
+        source = int(sample["dataset_id"])
+        counts[source] += 1
+        text_ids = sample["tokens"][sample["tokens"] != eod]
+        low, high = ((10, 100), (100, 200))[source]
+        assert bool(((text_ids >= low) & (text_ids < high)).all())
+    assert len(train) >= 1000
+    assert abs(counts[0] / sum(counts) - 0.7) < 0.01, counts
+
+    again, _, _ = data.build_gpt_datasets(["0.7", a, "0.3", b], tokenizer_400, **kwargs)
+    for i in (0, 17, 999):  # deterministic: same samples without the cache, too
+        assert torch.equal(again[i]["tokens"], train[i]["tokens"])
+
+
+def test_validation_errors_are_one_line(jsonl_input, tmp_path, tokenizer_400, small_docs):
+    path, _ = jsonl_input
+    good = str(tmp_path / "good")
+    model_500 = tk.train_tokenizer(small_docs, str(tmp_path / "v500"), 500)
+    data.preprocess_documents(data.iter_documents([str(path)]), good, model_500)
+    tokenizer_500 = tk.load_tokenizer(model_500)
+    assert data.validate_data(["0.7", good], tokenizer_500) == ([good], [0.7])
+
+    cases = [
+        (dict(blend=[str(tmp_path / "missing")]), "no dataset at"),
+        (dict(blend=[good], tokenizer=tokenizer_400), "vocabulary size mismatch"),
+        (dict(blend=[good], vocab_size=100), "vocabulary size mismatch"),
+        (dict(blend=["0.7", good, "-0.3", good + "2"]), "negative"),
+        (dict(blend=["0", good]), "weight 0"),
+        (dict(blend=["nan", good]), "not finite"),
+        (dict(blend=["0.7", good, good]), "WEIGHT PREFIX pairs"),
+        (dict(blend=["1", good, "1", good]), "appears twice"),
+        (dict(blend=[good], split="98,2,x"), "split"),
+        (dict(blend=[]), "empty"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(data.DataError, match=needle) as err:
+            data.validate_data(**kwargs)
+        _one_line(err.value)
+
+    # Without the meta file the .bin is scanned and the same mismatch is caught.
+    os.unlink(good + data.META_SUFFIX)
+    with pytest.raises(data.DataError, match="vocabulary size mismatch"):
+        data.validate_data([good], tokenizer_400)
+
+    # Same vocabulary size, different tokenizer: caught through the meta file's fingerprint.
+    other = tk.train_tokenizer(small_docs[200:], str(tmp_path / "other"), 500)
+    data.preprocess_documents(data.iter_documents([str(path)]), good, other, overwrite=True)
+    with pytest.raises(data.DataError, match="different tokenizer"):
+        data.validate_data([good], tokenizer_500)
+
+    with pytest.raises(data.DataError, match="sample count"):
+        data.build_gpt_datasets(["1", good, "1", good + "_"], tokenizer_500, validate=False,
+                                sequence_length=8, num_samples=(10, None, None))
+
+
+# --- the cached built-in dataset ---------------------------------------------------------------
+
+
+def test_prepare_builtin_dataset_builds_once_and_races_safely(tmp_path):
+    results, errors = [], []
+
+    def prepare():
+        try:
+            results.append(data.prepare_builtin_dataset(str(tmp_path), vocab_size=512))
+        except Exception as err:  # surfaced by the assert below
+            errors.append(err)
+
+    threads = [threading.Thread(target=prepare) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and results[0] == results[1]
+    prefix, model = results[0]
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [Path(prefix).parent.name]
+    again = data.prepare_builtin_dataset_distributed(str(tmp_path), vocab_size=512)
+    assert again == (prefix, model)
+
+    tokenizer = tk.load_tokenizer(model)
+    data.validate_data([prefix], tokenizer, split="98,2,0")
+    meta = data.read_meta(prefix)
+    assert meta["tokenizer_model"] == model and meta["tokens"] > 100_000
+    train, valid, _ = data.build_gpt_datasets(
+        [prefix], tokenizer, sequence_length=64, num_samples=(50, 5, 0))
+    tokens = torch.cat([train[i]["tokens"] for i in range(50)])
+    assert (tokens == tokenizer.eod).any() and int(tokens.max()) < 512
