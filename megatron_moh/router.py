@@ -54,7 +54,7 @@ def gates_from_logits(
             kept = probs * mask
             routed = topk * kept / kept.sum(dim=-1, keepdim=True)
         else:  # binary forward, straight-through gradient of the chosen heads' probabilities
-            routed = mask * (1.0 + probs - probs.detach())
+            routed = mask + mask * (probs - probs.detach())  # exactly 0/1 forward
         if stage_logits is not None:
             stage = 2.0 * torch.softmax(stage_logits, dim=-1)
             parts = [shared * stage[..., :1]]

@@ -60,7 +60,7 @@ def moh_gates(
         kept = probs * mask
         routed = topk * kept / kept.sum(dim=-1, keepdim=True)
     else:  # 1 in the forward pass, gradient of the chosen heads' probabilities (straight-through)
-        routed = mask * (1.0 + probs - probs.detach())
+        routed = mask + mask * (probs - probs.detach())  # exactly 0/1 forward
     if stage_logits is not None:
         stage = 2.0 * torch.softmax(stage_logits, dim=-1)
         shared = shared * stage[..., :1]

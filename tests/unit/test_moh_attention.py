@@ -115,3 +115,14 @@ def test_head_usage_counts_routing_slots():
     assert usage.shape == (cfg.moh_num_routed_heads,)
     torch.testing.assert_close(usage.sum(), torch.tensor(1.0))
     assert attn.router.tokens_routed.item() == 0
+
+
+def test_binary_gates_are_exactly_zero_or_one():
+    from megatron_moh.router import gates_from_logits
+
+    torch.manual_seed(5)
+    logits = torch.randn(64, 3, 12, requires_grad=True)
+    gates, probs, mask = gates_from_logits(logits, logits, None, None, num_shared=4, topk=3, gate="binary")
+    assert torch.equal(gates[..., 4:], mask) and torch.equal(gates[..., :4], torch.ones(64, 3, 4))
+    (gates[..., 4:] * torch.randn(64, 3, 12)).sum().backward()
+    assert logits.grad.abs().sum() > 0  # the straight-through gradient still reaches the logits
