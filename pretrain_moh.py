@@ -7,6 +7,8 @@
 Every Megatron-LM flag works as in Megatron-LM; --moh-* flags set the mixture of heads.
 """
 
+import sys
+
 from megatron_moh import platform
 
 platform.single_process_defaults()
@@ -17,13 +19,17 @@ from megatron.training import pretrain  # noqa: E402
 from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
 from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 
-from megatron_moh.cli import TINY_MODEL_DEFAULTS, add_moh_args, check_moh_args  # noqa: E402
+from megatron_moh.cli import TINY_MODEL_DEFAULTS, add_moh_args, check_args, with_builtin_data  # noqa: E402
 from megatron_moh.train import datasets_provider, forward_step, model_provider  # noqa: E402
 
 
 def main() -> None:
-    args = parse_and_validate_args(extra_args_provider=add_moh_args, args_defaults=TINY_MODEL_DEFAULTS)
-    check_moh_args(args)
+    sys.argv = [sys.argv[0], *with_builtin_data(sys.argv[1:])]
+    try:
+        args = parse_and_validate_args(extra_args_provider=add_moh_args, args_defaults=TINY_MODEL_DEFAULTS)
+    except AssertionError as err:  # megatron's argument checks, e.g. impossible batch sizes
+        raise SystemExit(f"pretrain_moh.py: error: {err}") from None
+    check_args(args)
     pretrain(
         pretrain_cfg_container_from_args(args),
         datasets_provider,

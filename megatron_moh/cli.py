@@ -11,6 +11,9 @@ import argparse
 from megatron_moh import platform
 from megatron_moh.config import MoHConfigError, check_moh_config, resolve_moh_defaults
 
+# Any of these means the user brought data; without them the built-in corpus is used.
+DATA_FLAGS = ("--data-path", "--mock-data", "--train-data-path", "--data-args-path", "--per-split-data-args-path")
+
 # The built-in default: a small MoH model that learns visibly in a few minutes on two CPU cores.
 TINY_MODEL_DEFAULTS = dict(
     num_layers=4,
@@ -48,7 +51,7 @@ LLAMA_ARCHITECTURE = dict(
     log_interval=10,
     eval_iters=10,
     num_workers=0,
-    tokenizer_type="SentencePieceTokenizer",
+    tokenizer_type="GPTSentencePieceTokenizer",
 )
 
 
@@ -83,10 +86,36 @@ def add_moh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def check_moh_args(args: argparse.Namespace) -> None:
-    """Exit with a one-line message for impossible MoH settings, before any process group."""
+def with_builtin_data(argv: list[str]) -> list[str]:
+    """``argv`` plus the built-in corpus (stdlib docstrings: tokenizer + indexed dataset, built on
+    first use and cached) when it names no data of its own."""
+    if any(arg.split("=")[0] in DATA_FLAGS for arg in argv):
+        return argv
+    from megatron_moh.data import prepare_builtin_dataset
+    from megatron_moh.tokenizer import megatron_tokenizer_args
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--moh-data-cache", default=None)
+    pre.add_argument("--tokenizer-model", default=None)
+    known, _ = pre.parse_known_args(argv)
+    prefix, tokenizer_model = prepare_builtin_dataset(cache_dir=known.moh_data_cache)
+    extra = ["--data-path", prefix]
+    if known.tokenizer_model is None:
+        extra += megatron_tokenizer_args(tokenizer_model)
+    return [*argv, *extra]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Exit with a one-line message for impossible MoH settings or unusable data, before any
+    process group starts or any model is built."""
+    from megatron.training import get_tokenizer
+
+    from megatron_moh.data import DataError, validate_data
+
     try:
         resolve_moh_defaults(args)
         check_moh_config(args)
-    except MoHConfigError as err:
+        if args.data_path is not None:
+            validate_data(args.data_path, get_tokenizer(), split=args.split)
+    except (MoHConfigError, DataError) as err:
         raise SystemExit(f"pretrain_moh.py: error: {err}") from None

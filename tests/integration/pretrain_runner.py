@@ -42,3 +42,17 @@ def losses(outputs: list[str]) -> dict[int, float]:
         for it, value in LOSS.findall(text):
             found[int(it)] = float(value)
     return found
+
+
+def exit_message_worker(rank: int, world: int, argv: list[str]) -> str:
+    """Launcher target: run `pretrain_moh.py argv` expecting it to refuse; return its message."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    sys.argv = ["pretrain_moh.py", *argv]
+    import pretrain_moh
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            pretrain_moh.main()
+    except SystemExit as exit_:
+        return str(exit_.code)
+    return "pretrain_moh.py did not refuse"
