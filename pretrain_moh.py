@@ -19,6 +19,7 @@ from megatron.training import pretrain  # noqa: E402
 from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
 from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 
+from megatron_moh import metrics  # noqa: E402
 from megatron_moh.cli import TINY_MODEL_DEFAULTS, add_moh_args, check_args, with_builtin_data  # noqa: E402
 from megatron_moh.train import datasets_provider, forward_step, model_provider  # noqa: E402
 
@@ -30,6 +31,7 @@ def main() -> None:
     except AssertionError as err:  # megatron's argument checks, e.g. impossible batch sizes
         raise SystemExit(f"pretrain_moh.py: error: {err}") from None
     check_args(args)
+    metrics.install()
     pretrain(
         pretrain_cfg_container_from_args(args),
         datasets_provider,

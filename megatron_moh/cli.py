@@ -49,6 +49,7 @@ LLAMA_ARCHITECTURE = dict(
     gradient_accumulation_fusion=False,
     lr_decay_style="cosine",
     log_interval=10,
+    log_throughput=True,
     eval_iters=10,
     num_workers=0,
     tokenizer_type="GPTSentencePieceTokenizer",

@@ -104,13 +104,14 @@ class HeadRouter(MegatronModule):
         fraction = counts / (tokens * self.topk)
         mean_prob = probs.reshape(-1, self.num_routed).sum(dim=0) / tokens
         loss = self.num_routed * torch.sum(mean_prob * fraction)
-        get_moe_metrics_tracker().record(
-            LOAD_BALANCE_LOSS,
-            loss,
-            layer_number=self.layer_number,
-            num_layers=self.config.num_layers,
-            reduce_group=self.tp_group if partial_tokens else None,
-        )
+        if counting:  # training forwards only: not evaluation, not the recompute's dry run
+            get_moe_metrics_tracker().record(
+                LOAD_BALANCE_LOSS,
+                loss,
+                layer_number=self.layer_number,
+                num_layers=self.config.num_layers,
+                reduce_group=self.tp_group if partial_tokens else None,
+            )
         coeff = self.config.moh_load_balance_coeff
         if coeff > 0 and counting:
             gates = MoEAuxLossAutoScaler.apply(gates, loss * (coeff / self.config.num_layers))

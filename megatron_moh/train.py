@@ -16,7 +16,7 @@ from megatron.training import get_args, get_tokenizer
 from megatron.training.argument_utils import core_transformer_config_from_args
 from megatron.training.utils.common_utils import get_blend_and_blend_per_split, print_rank_0
 
-from megatron_moh import platform
+from megatron_moh import metrics, platform
 from megatron_moh.builder import build_gpt_model
 from megatron_moh.config import MoHTransformerConfig
 
@@ -27,7 +27,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     args = get_args()
     config = core_transformer_config_from_args(args, MoHTransformerConfig)
     backend = "te" if args.transformer_impl == "transformer_engine" else "local"
-    return build_gpt_model(
+    model = build_gpt_model(
         config,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
@@ -40,6 +40,8 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         rotary_base=args.rotary_base,
         pg_collection=pg_collection,
     )
+    metrics.register_model(model)
+    return model
 
 
 def get_batch(data_iterator):

@@ -1,0 +1,94 @@
+"""MoH metrics in megatron.training's log: the load-balance loss per layer (megatron's aux-loss
+tracker), per-layer head usage (TensorBoard histograms and a layers x heads heat-map image), and
+a FLOP count that only credits the attention core of the heads each token used, so TFLOP/s and
+MFU are honest.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.training import get_args, get_tensorboard_writer
+from megatron.training import training as megatron_training
+
+from megatron_moh.router import LOAD_BALANCE_LOSS, HeadRouter
+
+# Routers of this rank's model chunks, in layer order; filled by `register_model`.
+_ROUTERS: list[HeadRouter] = []
+
+
+def register_model(model: torch.nn.Module) -> None:
+    """Remember a model chunk's routers for head-usage logging."""
+    _ROUTERS.extend(m for m in model.modules() if isinstance(m, HeadRouter))
+
+
+def moh_flops(args, batch_size: int, seqlen_squared_sum_in_batch=None, total_real_tokens_in_batch=None,
+              *, dense_flops=None) -> float:
+    """megatron's FLOPs of one global batch minus the attention core (QK^T, PV) of the routed heads
+    each token did not use. The projections still run for every head, so they stay counted."""
+    dense_flops = dense_flops or _DENSE_FLOPS
+    total = dense_flops(args, batch_size, seqlen_squared_sum_in_batch, total_real_tokens_in_batch)
+    if getattr(args, "moh_dense_baseline", True) or args.moh_topk is None:
+        return total
+    unused_heads = args.num_attention_heads - args.moh_num_shared_heads - args.moh_topk
+    squares = seqlen_squared_sum_in_batch or batch_size * args.seq_length**2
+    # forward+backward (3) x FMA (2) x causal half (1/2) x two products (2), as megatron counts it
+    return total - 6 * args.kv_channels * unused_heads * args.num_layers * squares
+
+
+_DENSE_FLOPS = megatron_training.num_floating_point_operations
+
+
+def _head_usage(iteration: int, writer) -> None:
+    """Gather per-layer head usage over PP and DP; write histograms and a heat-map."""
+    usage = [router.reset_head_usage() for router in _ROUTERS]
+    if not usage:
+        return
+    layers = torch.stack(usage)  # [local layers, routed heads]
+    dp_group = parallel_state.get_data_parallel_group()
+    torch.distributed.all_reduce(layers, group=dp_group)
+    layers /= torch.distributed.get_world_size(dp_group)
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    parts = [torch.empty_like(layers) for _ in range(torch.distributed.get_world_size(pp_group))]
+    torch.distributed.all_gather(parts, layers, group=pp_group)
+    if writer is None:
+        return
+    table = torch.cat(parts)  # [all layers, routed heads], layer order = stage order
+    for layer, fractions in enumerate(table, start=1):
+        writer.add_histogram(f"moh/head_usage/layer_{layer:02d}", fractions, iteration)
+        writer.add_scalar(f"moh/head_usage_max/layer_{layer:02d}", fractions.max(), iteration)
+    scaled = table / table.max().clamp_min(1e-12)
+    image = (scaled * 255).to(torch.uint8).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    writer.add_image("moh/head_usage_heatmap", image[None], iteration, dataformats="CHW")
+
+
+def install() -> None:
+    """Hook the MoH metrics into megatron.training's log and FLOP count (call before pretrain)."""
+    original_log = megatron_training.training_log
+
+    @functools.wraps(original_log)
+    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs):
+        args = get_args()
+        writer = get_tensorboard_writer()
+        if not args.moh_dense_baseline and args.moh_topk:
+            get_moe_metrics_tracker().report(
+                loss_scale=1 / get_num_microbatches(),
+                iteration=iteration,
+                writer=writer,
+                per_layer_logging=True,
+                force_initialize=True,
+                track_names=[LOAD_BALANCE_LOSS],
+                num_layers=args.num_layers,
+                total_loss_dict=total_loss_dict,
+            )
+            if iteration % args.log_interval == 0:
+                _head_usage(iteration, writer)
+        return original_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs)
+
+    megatron_training.training_log = training_log
+    megatron_training.num_floating_point_operations = moh_flops
