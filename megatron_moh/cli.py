@@ -112,11 +112,16 @@ def check_args(args: argparse.Namespace) -> None:
     from megatron.training import get_tokenizer
 
     from megatron_moh.data import DataError, validate_data
+    from megatron_moh.specs import TransformerEngineMissing, require_transformer_engine
 
     try:
+        if args.fp8:
+            require_transformer_engine(f"--fp8-format {args.fp8}")
+        if args.transformer_impl == "transformer_engine":
+            require_transformer_engine("--transformer-impl transformer_engine")
         resolve_moh_defaults(args)
         check_moh_config(args)
         if args.data_path is not None:
             validate_data(args.data_path, get_tokenizer(), split=args.split)
-    except (MoHConfigError, DataError) as err:
+    except (MoHConfigError, DataError, TransformerEngineMissing) as err:
         raise SystemExit(f"pretrain_moh.py: error: {err}") from None

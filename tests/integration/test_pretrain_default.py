@@ -56,3 +56,13 @@ def test_impossible_batch_size_is_refused(data_cache):
 def test_impossible_moh_setting_is_refused(data_cache):
     message = _refusal(["--moh-data-cache", data_cache, "--moh-topk", "9"])
     assert "moh_topk=9" in message
+
+
+def test_fp8_without_transformer_engine_is_refused(data_cache):
+    message = _refusal(["--moh-data-cache", data_cache, "--fp8-format", "hybrid", "--fp8-recipe", "delayed"])
+    assert "needs NVIDIA Transformer Engine" in message and "--fp8-format hybrid" in message
+
+
+def test_te_spec_without_transformer_engine_is_refused(data_cache):
+    message = _refusal(["--moh-data-cache", data_cache, "--transformer-impl", "transformer_engine"])
+    assert "needs NVIDIA Transformer Engine" in message
