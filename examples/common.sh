@@ -1,0 +1,38 @@
+# Shared by the launch scripts: training recipe (paper: AdamW, wd 0.1, clip 1.0, cosine to 10%),
+# data, checkpoints and logs. Override any of these variables in the environment.
+: "${MODEL:?set MODEL to one of: $(cd "$(dirname "${BASH_SOURCE[0]}")/models" && ls | sed 's/\.sh$//' | tr '\n' ' ')}"
+source "$(dirname "${BASH_SOURCE[0]}")/models/${MODEL}.sh"
+
+DATA_PATH=${DATA_PATH:?set DATA_PATH to a preprocessed prefix (tools/preprocess_data.py) or a blend \"0.7 a 0.3 b\"}
+TOKENIZER_MODEL=${TOKENIZER_MODEL:?set TOKENIZER_MODEL to the sentencepiece model (tools/train_tokenizer.py)}
+RUN_DIR=${RUN_DIR:-runs/${MODEL}}
+TP=${TP:-1}
+PP=${PP:-1}
+MICRO_BATCH=${MICRO_BATCH:-4}
+GLOBAL_BATCH=${GLOBAL_BATCH:-256}
+TRAIN_ITERS=${TRAIN_ITERS:-100000}
+PRECISION=${PRECISION:---bf16}   # e.g. "--bf16 --fp8-format hybrid --fp8-recipe delayed" with Transformer Engine
+
+TRAIN_ARGS=(
+  --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+  --use-distributed-optimizer
+  --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS"
+  --lr-decay-style cosine --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
+  $PRECISION
+  --data-path $DATA_PATH --split 989,10,1
+  --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
+  --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints" --save-interval 1000 --ckpt-format torch_dist
+  --eval-interval 1000 --eval-iters 20 --log-interval 10
+  --tensorboard-dir "$RUN_DIR/tensorboard"
+  --exit-signal-handler
+)
+[[ "$TP" -gt 1 ]] && TRAIN_ARGS+=(--sequence-parallel)
+
+# DRY_RUN=1 prints the pretrain_moh.py arguments, one per line, instead of launching (tests use it).
+launch_or_print() {
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    printf '%s\n' "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}"
+    exit 0
+  fi
+  "$@"
+}

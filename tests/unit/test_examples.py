@@ -1,0 +1,56 @@
+"""Every launch script's pretrain_moh.py flags parse with the project's parser and make a valid
+MoH config, so a typo in examples/ fails CI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_moh.cli import add_moh_args
+from megatron_moh.config import check_moh_config, resolve_moh_defaults
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = sorted(p.stem for p in (ROOT / "examples" / "models").glob("*.sh"))
+SCRIPTS = ["examples/single_node.sh", "examples/slurm/pretrain_moh.sbatch"]
+
+
+def _flags(script: str, model: str, **env) -> list[str]:
+    environment = dict(os.environ, DRY_RUN="1", MODEL=model, DATA_PATH="0.7 /data/a 0.3 /data/b",
+                       TOKENIZER_MODEL="/data/tok.model", NPROC="8", **env)
+    out = subprocess.run(["bash", str(ROOT / script)], env=environment, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.splitlines()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("model", MODELS)
+def test_launch_flags_parse(script, model, monkeypatch):
+    from megatron.training.arguments import parse_args
+
+    flags = _flags(script, model, TP="2", PP="2")
+    monkeypatch.setattr(sys, "argv", ["pretrain_moh.py", *flags])
+    args = parse_args(extra_args_provider=add_moh_args)  # exits on an unknown flag
+    assert args.tensor_model_parallel_size == 2 and args.sequence_parallel
+    assert args.data_path == ["0.7", "/data/a", "0.3", "/data/b"]
+    resolve_moh_defaults(args)
+    check_moh_config(args)
+    if model.startswith("dense"):
+        assert args.moh_dense_baseline
+    else:
+        active = (args.moh_num_shared_heads + args.moh_topk) / args.num_attention_heads
+        assert active == 0.75
+
+
+def test_paper_hyper_parameters():
+    from megatron.training.arguments import parse_args
+
+    sys_argv = sys.argv
+    try:
+        sys.argv = ["pretrain_moh.py", *_flags(SCRIPTS[0], "moh_llm_b")]
+        args = parse_args(extra_args_provider=add_moh_args)
+    finally:
+        sys.argv = sys_argv
+    assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads, args.kv_channels) == (24, 1536, 4096, 16, 96)
+    assert (args.lr, args.min_lr, args.lr_warmup_iters, args.weight_decay, args.clip_grad) == (5e-4, 5e-5, 500, 0.1, 1.0)
