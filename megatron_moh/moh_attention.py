@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_moh.config import MoHTransformerConfig
+from megatron_moh.sparse_attention import head_sparse_attention
 
 
 @dataclass
@@ -50,6 +52,11 @@ class MoHSelfAttention(SelfAttention):
         self.router = build_module(
             submodules.router, config=config, layer_number=layer_number, tp_group=self.pg_collection.tp
         )
+        # Shared heads come first globally, so this rank's shared heads are its leading ones.
+        first_head = self.router.head_offset
+        self.num_local_shared_heads = min(max(config.moh_num_shared_heads - first_head, 0),
+                                          self.num_attention_heads_per_partition)
+        self.head_sparse = config.moh_attention_impl == "sparse"
 
     def forward(
         self,
@@ -82,7 +89,9 @@ class MoHSelfAttention(SelfAttention):
             query = apply_rotary_pos_emb(query, q_pos_emb, config=self.config, mscale=mscale, cp_group=cp_group)
             key = apply_rotary_pos_emb(key, k_pos_emb, config=self.config, mscale=mscale, cp_group=cp_group)
 
-        if self.checkpoint_core_attention and self.training:
+        if self.head_sparse:
+            core_attn_out = self._head_sparse_attention(query, key, value, gates)
+        elif self.checkpoint_core_attention and self.training:
             core_attn_out = self._checkpointed_attention_forward(
                 query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
                 attention_bias=attention_bias,
@@ -92,5 +101,16 @@ class MoHSelfAttention(SelfAttention):
                 query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
                 attention_bias=attention_bias,
             )
-        core_attn_out = gate_heads(core_attn_out, gates)
+        if not self.head_sparse:
+            core_attn_out = gate_heads(core_attn_out, gates)
         return self.linear_proj(core_attn_out)
+
+    def _head_sparse_attention(self, query: Tensor, key: Tensor, value: Tensor, gates: Tensor) -> Tensor:
+        """Causal attention that skips the query rows a routed head was not chosen for; gated."""
+
+        def run(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> Tensor:
+            return head_sparse_attention(q, k, v, g, self.num_local_shared_heads, self.config.softmax_scale)
+
+        if self.checkpoint_core_attention and self.training:
+            return tensor_parallel.checkpoint(run, False, query, key, value, gates)
+        return run(query, key, value, gates)
