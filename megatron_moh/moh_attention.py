@@ -91,19 +91,20 @@ class MoHSelfAttention(SelfAttention):
 
         if self.head_sparse:
             core_attn_out = self._head_sparse_attention(query, key, value, gates)
-        elif self.checkpoint_core_attention and self.training:
-            core_attn_out = self._checkpointed_attention_forward(
-                query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
-                attention_bias=attention_bias,
-            )
         else:
-            core_attn_out = self.core_attention(
-                query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
-                attention_bias=attention_bias,
-            )
-        if not self.head_sparse:
-            core_attn_out = gate_heads(core_attn_out, gates)
+            core_attn_out = gate_heads(self._dense_attention(query, key, value, attention_mask, attention_bias), gates)
         return self.linear_proj(core_attn_out)
+
+    def _dense_attention(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                         attention_bias: Tensor | None) -> Tensor:
+        """megatron's core attention over every head (selective recompute as megatron does it)."""
+        if self.checkpoint_core_attention and self.training:
+            return self._checkpointed_attention_forward(
+                query, key, value, attention_mask, attn_mask_type=self.attn_mask_type, attention_bias=attention_bias
+            )
+        return self.core_attention(
+            query, key, value, attention_mask, attn_mask_type=self.attn_mask_type, attention_bias=attention_bias
+        )
 
     def _head_sparse_attention(self, query: Tensor, key: Tensor, value: Tensor, gates: Tensor) -> Tensor:
         """Causal attention that skips the query rows a routed head was not chosen for; gated."""
