@@ -8,6 +8,10 @@ Each head's attention output (after the attention interface, before ``o_proj``) 
 per-token gate; keys and values are never gated, so the KV cache, generation, left padding and
 every attention interface (eager, sdpa, ...) work unchanged. The gate math is the training
 code's (megatron_moh.router.gates_from_logits); the convention is in configuration_moh.
+
+With ``moh_attention_impl='sparse'`` (eager and sdpa interfaces) a routed head's attention is
+computed only for the query rows whose gate is nonzero, in prefill and in cached decoding, with the
+dense path's output (``MoHLlamaAttention.sparse_attend``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -109,12 +114,15 @@ class MoHLlamaAttention(LlamaAttention):
         return moh_gates(norms, routed_logits, None, None, self.num_shared, self.topk, self.gate)
 
     def attend(self, query, key, value, attention_mask, gates, **kwargs):
-        """Attention over all heads, output ``[B, T, H, D]``.
+        """Attention over all heads, output ``[B, T, H, D]``; ``query`` is ``[B, H, T, D]``,
+        ``key``/``value`` ``[B, H_kv, S, D]`` (the whole cache), ``gates`` ``[B, T, H]``.
 
-        Hook for ``moh_attention_impl='sparse'``: a kernel that skips the query rows whose gate is
-        0 would go here (``gates`` is passed for that). Until one exists, 'sparse' runs the dense
-        path, which gives the same output since unchosen heads are zeroed afterwards.
+        With ``moh_attention_impl='sparse'`` the routed heads are computed only for the query rows
+        whose gate is nonzero (:meth:`sparse_attend`); the dense interface runs otherwise, and
+        where the sparse path does not apply (see :meth:`can_attend_sparse`).
         """
+        if self.config.moh_attention_impl == "sparse" and self.can_attend_sparse(attention_mask, kwargs):
+            return self.sparse_attend(query, key, value, attention_mask, gates), None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -128,6 +136,91 @@ class MoHLlamaAttention(LlamaAttention):
             scaling=self.scaling,
             **kwargs,
         )
+
+    def can_attend_sparse(self, attention_mask, kwargs) -> bool:
+        """The sparse path handles the masks of the eager and sdpa interfaces (None, or a 4D bool
+        or additive float tensor), without dropout and without returned attention weights."""
+        return (
+            self.config._attn_implementation in ("eager", "sdpa")
+            and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4))
+            and not (self.training and self.attention_dropout > 0)
+            and not kwargs.get("output_attentions", False)
+            and not getattr(self.config, "output_attentions", False)
+            and self.num_routed > 0
+        )
+
+    def sparse_attend(self, query, key, value, attention_mask, gates) -> torch.Tensor:
+        """Head-sparse attention, output ``[B, T, H, D]`` (0 where a routed gate is 0).
+
+        Shared heads run torch's SDPA over every row, with the mask the sdpa interface would use.
+        Routed heads: each (sequence, key/value head) pair is a *lane* whose rows are the
+        (query head of its group, position) pairs with a nonzero gate. Lanes with no such row are
+        dropped (in decoding, a routed head the token did not choose costs nothing); the others'
+        rows are packed, in order, into ``[lanes, R, D]`` (padded to the longest lane) and run in
+        one SDPA call against all ``S`` keys of their key/value head, with an explicit mask
+        gathered at the rows' original positions: the given 4D mask (causal with the cache
+        offset, padding), or, when the mask is None, what the sdpa interface does then (causal
+        for several queries, none for one). Padding rows attend everywhere and are dropped.
+        """
+        batch, heads, length, dim = query.shape
+        num_kv, keys = key.shape[1], key.shape[2]
+        groups = heads // num_kv
+        shared = self.num_shared
+        out = query.new_zeros(batch, length, heads, value.shape[-1])
+        device = query.device
+
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., :keys]
+        if shared:
+            q_shared = query[:, :shared]
+            kv_heads = torch.arange(shared, device=device) // groups
+            mask = attention_mask
+            if mask is not None and mask.shape[1] > 1:
+                mask = mask[:, :shared]
+            out[:, :, :shared] = F.scaled_dot_product_attention(
+                q_shared, key[:, kv_heads], value[:, kv_heads], attn_mask=mask, scale=self.scaling,
+                is_causal=mask is None and length > 1,
+            ).transpose(1, 2)
+
+        # Rows of lane (b, g): query heads g*groups .. (g+1)*groups-1, each over positions 0..T-1.
+        chosen = gates != 0
+        chosen[..., :shared] = False
+        chosen = chosen.permute(0, 2, 1).reshape(batch * num_kv, groups * length)
+        counts = chosen.sum(dim=-1)
+        lanes = counts.nonzero().squeeze(1)  # [P]
+        if lanes.numel() == 0:
+            return out
+        counts = counts[lanes]
+        rows = int(counts.max())
+        # Chosen rows first, in their original order (stable sort), cut at the longest lane.
+        order = torch.sort((~chosen[lanes]).to(torch.uint8), dim=-1, stable=True).indices[:, :rows]  # [P, R]
+        valid = torch.arange(rows, device=device) < counts[:, None]  # [P, R]
+        b = torch.div(lanes, num_kv, rounding_mode="floor")[:, None].expand(-1, rows)  # [P, R]
+        g = (lanes % num_kv)[:, None]
+        h = g * groups + torch.div(order, length, rounding_mode="floor")  # query head
+        t = order % length  # position among the new tokens
+
+        q_rows = query[b, h, t]  # [P, R, D]
+        k_lanes, v_lanes = key.reshape(batch * num_kv, keys, -1), value.reshape(batch * num_kv, keys, -1)
+        if lanes.numel() < batch * num_kv:  # with every lane used, the cache is not copied
+            k_lanes, v_lanes = k_lanes[lanes], v_lanes[lanes]
+
+        if attention_mask is not None:
+            mask_heads = h if attention_mask.shape[1] > 1 else torch.zeros_like(h)
+            mask = attention_mask[b, mask_heads, t]  # [P, R, S]
+            allow = torch.ones((), dtype=torch.bool) if mask.dtype == torch.bool else torch.zeros((), dtype=mask.dtype)
+            mask = torch.where(valid[..., None], mask, allow.to(device))
+        elif length > 1:  # sdpa's is_causal: query i sees keys 0..i
+            mask = torch.arange(keys, device=device) <= t[..., None]
+            mask = mask | ~valid[..., None]
+        else:
+            mask = None
+        attended = F.scaled_dot_product_attention(
+            q_rows[:, None], k_lanes[:, None], v_lanes[:, None],
+            attn_mask=None if mask is None else mask[:, None], scale=self.scaling,
+        )[:, 0]  # [P, R, D]
+        out[b[valid], t[valid], h[valid]] = attended[valid]
+        return out
 
     def forward(
         self,
