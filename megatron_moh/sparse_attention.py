@@ -19,6 +19,10 @@ Layout. The shared heads run torch's causal SDPA over every row. For the routed 
   chunk's keys are further split into the prefix every row sees (no mask) and a masked band,
   merged through their log-sum-exps, so most keys need no mask.
 
+When every routed lane is busy, all heads go through one causal call instead. Planning costs two
+or three host synchronisations per call (row counts, chunk plan), so the function cannot be
+captured in a CUDA graph.
+
 Gradients. They equal the dense path's for query, key and value, and for every nonzero gate.
 For a routed gate that is exactly 0 the dense gradient is <dL/dout, head output>, an output this
 function never computes: it returns 0 there. MoH's routers give unchosen heads no gradient path
@@ -211,25 +215,29 @@ def _plan_packed(chosen: Tensor, counts: Tensor):
     return positions, causal_pos, chunks
 
 
+def _sort_lanes(gates: Tensor, first: int) -> tuple[Tensor, Tensor, Tensor, int, int]:
+    """Lanes (sequence x routed head) by rows chosen, most first: the chosen mask ``[lanes, s]``,
+    sorted counts, lane ids, and how many lanes are whole-lane busy and non-empty."""
+    s, b, hp = gates.shape
+    chosen = (gates[:, :, first:] != 0).permute(1, 2, 0).reshape(b * (hp - first), s)
+    counts, lanes = torch.sort(chosen.sum(dim=1), descending=True, stable=True)
+    whole_rows = max(1, math.ceil(_WHOLE_LANE_FRACTION * s))
+    n_whole, active = torch.stack([(counts >= whole_rows).sum(), (counts > 0).sum()]).tolist()
+    return chosen, counts, lanes, n_whole, active
+
+
 def _routed_heads(query: Tensor, key: Tensor, value: Tensor, gates: Tensor, first: int,
-                  scale: float) -> Tensor | None:
+                  scale: float, sorted_lanes: tuple[Tensor, Tensor, Tensor, int, int]) -> Tensor:
     """Gated attention output ``[s, b, hp - first, d]`` of heads ``first ..``: computed for the
-    rows whose gate is nonzero, 0 elsewhere. None when every lane is to be computed whole: the
-    caller then runs all heads in one causal call, with less copying."""
+    rows whose gate is nonzero, 0 elsewhere. Lanes with most rows first: whole lanes, then
+    packed lanes, then empty lanes (dropped)."""
     s, b, hp, d = query.shape
     num_routed = hp - first
     device = query.device
     out = query.new_zeros(s, b, num_routed, d)
-
-    chosen = (gates[:, :, first:] != 0).permute(1, 2, 0).reshape(b * num_routed, s)  # [lanes, s]
-    # Lanes with most rows first: whole lanes, then packed lanes, then empty lanes (dropped).
-    counts, lanes = torch.sort(chosen.sum(dim=1), descending=True, stable=True)
-    whole_rows = max(1, math.ceil(_WHOLE_LANE_FRACTION * s))
-    n_whole, active = torch.stack([(counts >= whole_rows).sum(), (counts > 0).sum()]).tolist()
+    chosen, counts, lanes, n_whole, active = sorted_lanes
     if active == 0:  # nothing to compute; stay on the autograd graph (gate gradients are 0)
         return out * gates[:, :, first:, None].to(out.dtype)
-    if n_whole == b * num_routed:
-        return None
     lane_b, lane_h = lanes[:active] // num_routed, first + lanes[:active] % num_routed
     lane_g = lane_h // (hp // key.shape[2])
     spans, pieces = [], []
@@ -333,19 +341,20 @@ def head_sparse_attention(
         raise ValueError(f"num_dense_heads={num_dense_heads} must be between 0 and {hp}")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
 
-    routed = None
+    sorted_lanes = None
     if num_dense_heads < hp:
-        routed = _routed_heads(query, key, value, gates, num_dense_heads, scale)
-        if routed is None:  # every routed lane is busy: all heads dense, as cheap as it gets
-            routed_gates = gates[:, :, num_dense_heads:]
-            # Same values; a zero routed gate gets a zero gradient, as on the sparse path.
-            gates = torch.cat([gates[:, :, :num_dense_heads], routed_gates * (routed_gates != 0)], 2)
-            num_dense_heads = hp
+        sorted_lanes = _sort_lanes(gates, num_dense_heads)
+        if sorted_lanes[3] == b * (hp - num_dense_heads):
+            # Every routed lane is busy: all heads in one causal call, as cheap as it gets. Same
+            # values; a zero routed gate gets a zero gradient, as on the sparse path.
+            shared, routed = gates[:, :, :num_dense_heads], gates[:, :, num_dense_heads:]
+            gates = torch.cat([shared, routed * (routed != 0)], dim=2)
+            num_dense_heads, sorted_lanes = hp, None
     parts = []
     if num_dense_heads:
         dense = _dense_heads(query, key, value, num_dense_heads, scale)
         parts.append(dense * gates[:, :, :num_dense_heads, None].to(dense.dtype))
-    if routed is not None:
-        parts.append(routed)
+    if sorted_lanes is not None:
+        parts.append(_routed_heads(query, key, value, gates, num_dense_heads, scale, sorted_lanes))
     heads = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return heads.reshape(s, b, hp * d)

@@ -1,0 +1,257 @@
+"""Head-sparse vs dense MoH attention core: time and peak memory, forward and forward+backward.
+
+Dense baselines compute every head and then multiply by the gates (what the MoH layer does with
+``moh_attention_impl='dense'``):
+* ``sdpa``: torch ``scaled_dot_product_attention(is_causal=True)`` (a flash kernel on CPU and GPU);
+* ``baddbmm``: megatron's local DotProductAttention recipe in plain torch (baddbmm, causal
+  masked_fill, softmax, bmm), which materialises the full score matrix.
+The sparse path is ``megatron_moh.sparse_attention.head_sparse_attention``. Routing is uniform
+random top-k per token (what the load-balance loss aims for); ``--shared`` heads are always on.
+
+Timings are medians of ``--repeats`` runs after one warm-up; dense and sparse runs alternate so
+that load from other processes hits both alike. Wall-clock ratios are the headline; the CPU-time
+ratio is kept too (steadier for 1-thread runs on a shared machine). Peak memory:
+``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak of torch.profiler's memory timeline
+(bytes of tensors alive during the step, inputs included), measured once per configuration
+outside the timed runs. ``--threads`` defaults to every CPU this process may use.
+
+    python benchmarks/bench_sparse.py            # full grid, a few minutes on 2 CPU cores
+    python benchmarks/bench_sparse.py --quick    # 1024 and 4096 tokens at 50% active, sdpa only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_moh.sparse_attention import head_sparse_attention  # noqa: E402
+
+# Active fraction -> routed heads each token keeps, with 4 shared of 16 heads (4 + k of 12).
+FULL_SEQS = (512, 1024, 2048, 4096)
+QUICK_SEQS = (1024, 4096)
+
+
+def dense_sdpa(query, key, value, gates):
+    """All heads through torch's causal SDPA, then the gates."""
+    s, b, hp, d = query.shape
+    per_group = hp // key.shape[2]
+    q = query.permute(1, 2, 0, 3)
+    k = key.permute(1, 2, 0, 3).repeat_interleave(per_group, dim=1)
+    v = value.permute(1, 2, 0, 3).repeat_interleave(per_group, dim=1)
+    heads = F.scaled_dot_product_attention(q, k, v, is_causal=True).permute(2, 0, 1, 3)
+    return (heads * gates.unsqueeze(-1).to(heads.dtype)).reshape(s, b, hp * d)
+
+
+def dense_baddbmm(query, key, value, gates):
+    """All heads the way megatron's local DotProductAttention does it, then the gates."""
+    s, b, hp, d = query.shape
+    per_group = hp // key.shape[2]
+    q = query.reshape(s, b * hp, d).transpose(0, 1)
+    k = key.repeat_interleave(per_group, dim=2).reshape(s, b * hp, d).transpose(0, 1)
+    v = value.repeat_interleave(per_group, dim=2).reshape(s, b * hp, d).transpose(0, 1)
+    scores = torch.baddbmm(q.new_empty(b * hp, s, s), q, k.transpose(1, 2), beta=0.0,
+                           alpha=1.0 / math.sqrt(d))
+    future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+    probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    heads = torch.bmm(probs, v).transpose(0, 1).reshape(s, b, hp, d)
+    return (heads * gates.unsqueeze(-1).to(heads.dtype)).reshape(s, b, hp * d)
+
+
+def make_inputs(seq, args, topk, device, dtype, seed=0):
+    """Query/key/value leaves and gates: shared heads on, ``topk`` uniform random routed heads."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hp, g, d, b = args.heads, args.groups, args.head_dim, args.batch
+    routed = hp - args.shared
+    q = torch.randn(seq, b, hp, d, generator=gen)
+    k = torch.randn(seq, b, g, d, generator=gen)
+    v = torch.randn(seq, b, g, d, generator=gen)
+    choice = torch.rand(seq, b, routed, generator=gen).topk(topk, dim=-1).indices
+    mask = torch.zeros(seq, b, routed).scatter_(-1, choice, 1.0)
+    gates = torch.cat([torch.ones(seq, b, args.shared), mask], dim=-1)
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_(True) for t in (q, k, v)]
+    return leaves, gates.to(device)
+
+
+def step(fn: Callable, inputs, gates, backward: bool) -> Callable[[], None]:
+    """One forward (no autograd graph) or one forward+backward of ``fn``."""
+    def run():
+        if backward:
+            for t in inputs:
+                t.grad = None
+            fn(*inputs, gates).float().sum().backward()
+        else:
+            with torch.no_grad():
+                fn(*inputs, gates)
+    return run
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(run: Callable[[], None], device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one run. On a shared machine CPU time is the steadier
+    measure of work for a 1-thread run (other processes delay it without adding to it)."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def peak_memory_mib(run: Callable[[], None], device) -> float | None:
+    """Peak bytes of live tensors during one run, in MiB (see the module docstring)."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            run()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "timeline.json")
+            try:
+                prof.export_memory_timeline(path, device="cpu")
+            except Exception:  # a semi-private API: report n/a rather than fail
+                return None
+            _, sizes = json.load(open(path))
+    return max(sum(row) for row in sizes) / 2**20 if sizes else None
+
+
+def bench_config(seq, topk, args, device, dtype):
+    """Median times (s) and peak memory (MiB) of every implementation, fwd and fwd+bwd."""
+    inputs, gates = make_inputs(seq, args, topk, device, dtype)
+    impls = {"sparse": lambda q, k, v, g: head_sparse_attention(q, k, v, g, args.shared),
+             "dense_sdpa": dense_sdpa}
+    if args.baddbmm and seq <= args.baddbmm_max_seq:
+        impls["dense_baddbmm"] = dense_baddbmm
+    result = {}
+    for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+        runs = {name: step(fn, inputs, gates, backward) for name, fn in impls.items()}
+        times = {name: [] for name in impls}
+        for run in runs.values():  # warm-up
+            run()
+        for _ in range(args.repeats):  # interleaved, so background load hits every impl alike
+            for name, run in runs.items():
+                times[name].append(timed(run, device))
+        for name in impls:
+            result[f"{name}_{mode}_s"] = statistics.median(w for w, _ in times[name])
+            result[f"{name}_{mode}_cpu_s"] = statistics.median(c for _, c in times[name])
+        if backward and not args.no_memory:
+            for name, run in runs.items():
+                result[f"{name}_fwd_bwd_peak_mib"] = peak_memory_mib(run, device)
+    for mode in ("fwd", "fwd_bwd"):
+        for base in [n for n in impls if n != "sparse"]:
+            short = base.removeprefix("dense_")
+            result[f"ratio_{mode}_vs_{short}"] = (
+                result[f"sparse_{mode}_s"] / result[f"{base}_{mode}_s"])
+            result[f"ratio_{mode}_vs_{short}_cpu_time"] = (
+                result[f"sparse_{mode}_cpu_s"] / result[f"{base}_{mode}_cpu_s"])
+    return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1024 and 4096 tokens at 50%% active only")
+    p.add_argument("--seqs", type=int, nargs="*", help="sequence lengths (default 512..4096)")
+    p.add_argument("--topks", type=int, nargs="*",
+                   help="routed heads per token (default 4 8 10: 50%%, 75%%, 87.5%% of 16 active)")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--groups", type=int, default=16, help="key/value heads (GQA when < heads)")
+    p.add_argument("--shared", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the CPUs this process may run on)")
+    p.add_argument("--no-baddbmm", dest="baddbmm", action="store_false",
+                   help="skip the megatron-style baddbmm dense baseline (always off with --quick)")
+    p.add_argument("--baddbmm-max-seq", type=int, default=2048,
+                   help="run the baddbmm baseline only up to this length (it materialises "
+                        "heads x seq^2 scores: 1 GiB in fp32 at 4096 tokens)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.quick:
+        args.baddbmm = False
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    seqs = args.seqs or (QUICK_SEQS if args.quick else FULL_SEQS)
+    topks = args.topks or ((4,) if args.quick else (4, 8, 10))
+    routed = args.heads - args.shared
+
+    host = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
+    meta = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(), "device": host,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "threads": threads, "dtype": args.dtype,
+        "heads": args.heads, "groups": args.groups, "shared": args.shared,
+        "head_dim": args.head_dim, "batch": args.batch, "repeats": args.repeats,
+        "load_avg_start": os.getloadavg(),
+    }
+    print(f"# torch {torch.__version__}, device {host}, {threads} threads, {args.dtype}, "
+          f"{args.heads} heads x {args.head_dim} ({args.groups} kv), {args.shared} shared, batch "
+          f"{args.batch}, median of {args.repeats}, load avg {meta['load_avg_start'][0]:.1f}")
+    cols = ("seq", "active", "floor", "fwd sp/sdpa", "f+b sp/sdpa", "(cpu time)", "f+b sp/bmm",
+            "sparse f+b s", "sdpa f+b s", "sparse MiB", "sdpa MiB", "bmm MiB")
+    print(" | ".join(cols))
+    rows = []
+    for seq in seqs:
+        for topk in topks:
+            if not 0 < topk <= routed:
+                raise SystemExit(f"--topks {topk}: need 1..{routed} routed heads")
+            active = (args.shared + topk) / args.heads
+            r = bench_config(seq, topk, args, device, dtype)
+            r.update(seq=seq, topk=topk, active_fraction=active, flop_floor=active)
+            rows.append(r)
+            mib = lambda key: "n/a" if r.get(key) is None else f"{r[key]:.0f}"
+            print(" | ".join([
+                f"{seq}", f"{args.shared}+{topk}/{routed} ({active:.1%})", f"{active:.3f}",
+                f"{r['ratio_fwd_vs_sdpa']:.3f}", f"{r['ratio_fwd_bwd_vs_sdpa']:.3f}",
+                f"{r['ratio_fwd_bwd_vs_sdpa_cpu_time']:.3f}",
+                f"{r['ratio_fwd_bwd_vs_baddbmm']:.3f}" if "ratio_fwd_bwd_vs_baddbmm" in r else "-",
+                f"{r['sparse_fwd_bwd_s']:.4f}", f"{r['dense_sdpa_fwd_bwd_s']:.4f}",
+                mib("sparse_fwd_bwd_peak_mib"), mib("dense_sdpa_fwd_bwd_peak_mib"),
+                mib("dense_baddbmm_fwd_bwd_peak_mib"),
+            ]), flush=True)
+    meta["load_avg_end"] = os.getloadavg()
+    out = args.out or Path(__file__).parent / "results" / f"bench_sparse_{host}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"# wrote {out}; load avg at end {meta['load_avg_end'][0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
