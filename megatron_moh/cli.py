@@ -107,10 +107,12 @@ def with_builtin_data(argv: list[str]) -> list[str]:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Exit with a one-line message for impossible MoH settings or unusable data, before any
+    """Exit with a one-line message for impossible MoH settings, unusable data or an unusable
+    --load checkpoint (this also installs the checkpoint hooks of megatron_moh.checkpoint), before any
     process group starts or any model is built."""
     from megatron.training import get_tokenizer
 
+    from megatron_moh.checkpoint import CheckpointError, check_load
     from megatron_moh.data import DataError, validate_data
     from megatron_moh.specs import TransformerEngineMissing, require_transformer_engine
 
@@ -123,5 +125,6 @@ def check_args(args: argparse.Namespace) -> None:
         check_moh_config(args)
         if args.data_path is not None:
             validate_data(args.data_path, get_tokenizer(), split=args.split)
-    except (MoHConfigError, DataError, TransformerEngineMissing) as err:
+        check_load(args)
+    except (MoHConfigError, DataError, TransformerEngineMissing, CheckpointError) as err:
         raise SystemExit(f"pretrain_moh.py: error: {err}") from None

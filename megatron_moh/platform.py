@@ -206,3 +206,16 @@ def _use_cpu_in_megatron_training() -> None:
 
     training.initialize_megatron = initialize_megatron
     arguments.get_device_arch_version = lambda: 0
+
+    # On the CPU the "CUDA" generator that dropout draws from IS the CPU generator, which a
+    # DataLoader also draws its base seed from when its iterator is made. A resumed run makes its
+    # iterators after restoring the checkpoint's RNG state, an uninterrupted run before the first
+    # step, so dropout masks would differ after a resume. Making the iterators without consuming
+    # the generator keeps a resumed run on the uninterrupted run's random stream.
+    build_iterators = training.build_train_valid_test_data_iterators
+
+    def build_iterators_without_drawing(*args: Any, **kwargs: Any) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            return build_iterators(*args, **kwargs)
+
+    training.build_train_valid_test_data_iterators = build_iterators_without_drawing

@@ -1,0 +1,126 @@
+"""Launcher targets for checkpoint tests: pretrain_moh.main() runs that may exit early (exit
+interval, signal, refusal) and report every micro-batch's exact loss, not megatron's rounded and
+interval-averaged log line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import sys
+from typing import Any
+
+
+def _record_losses(pretrain_moh, losses: list[tuple[int, float]]) -> None:
+    """Wrap the forward step pretrain_moh hands to megatron so each training micro-batch's loss is kept."""
+    from megatron.training import get_args
+
+    forward_step = pretrain_moh.forward_step
+
+    def recording_forward_step(data_iterator, model, *args, **kwargs):
+        output, loss_fn = forward_step(data_iterator, model, *args, **kwargs)
+
+        def recording_loss_fn(output_tensor):
+            result = loss_fn(output_tensor)
+            if model.training:  # not evaluation
+                losses.append((get_args().curr_iteration, float(result[0])))
+            return result
+
+        return output, recording_loss_fn
+
+    pretrain_moh.forward_step = recording_forward_step
+
+
+def run_worker(rank: int, world: int, argv: list[str], signal_at: int | None = None,
+               overtime_at: int | None = None) -> dict[str, Any]:
+    """Launcher target: one rank of ``pretrain_moh.py argv``. Returns its stdout, exit code (None when
+    main() returned) and ``losses``: (iteration, summed token loss) per training micro-batch on this
+    rank (ranks of the last pipeline stage), iterations counted from 0. ``signal_at``: this process gets SIGTERM during that iteration (a
+    scheduler's preemption); ``overtime_at``: from that iteration on, training seems to have started
+    an hour ago (for --exit-duration-in-mins)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    sys.argv = ["pretrain_moh.py", *argv]
+    import pretrain_moh
+
+    losses: list[tuple[int, float]] = []
+    _record_losses(pretrain_moh, losses)
+    recorded = pretrain_moh.forward_step
+
+    def forward_step_with_events(data_iterator, model, *args, **kwargs):
+        from megatron.training import get_args
+        from megatron.training import training
+
+        iteration = getattr(get_args(), "curr_iteration", None)
+        if signal_at is not None and iteration == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if overtime_at is not None and iteration == overtime_at:
+            training._TRAIN_START_TIME -= 3600
+        return recorded(data_iterator, model, *args, **kwargs)
+
+    pretrain_moh.forward_step = forward_step_with_events
+    out, code = io.StringIO(), None
+    with contextlib.redirect_stdout(out):
+        try:
+            pretrain_moh.main()
+        except SystemExit as exit_:
+            code = exit_.code
+    return dict(out=out.getvalue(), code=code, losses=losses)
+
+
+def stalled_save_worker(rank: int, world: int, argv: list[str], stall_iteration: int, marker: str) -> dict[str, Any]:
+    """Launcher target: `run_worker`, except that the save of ``stall_iteration`` writes its first
+    item, touches ``marker`` and hangs, so the test can kill the process mid-save."""
+    import functools
+    import time
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    write_item = filesystem_async._write_item
+    directory = f"iter_{stall_iteration:07d}"
+
+    @functools.wraps(write_item)  # megatron inspects its signature
+    def stalling_write_item(*args, **kwargs):
+        result = write_item(*args, **kwargs)
+        stream = next((a for a in args if hasattr(a, "name") and hasattr(a, "write")), None)
+        if stream is not None and directory in str(stream.name):
+            stream.flush()
+            open(marker, "w").close()
+            time.sleep(600)
+        return result
+
+    filesystem_async._write_item = stalling_write_item
+    return run_worker(rank, world, argv)
+
+
+def kill_during_save(argv: list[str], stall_iteration: int, marker: str, timeout: float = 300) -> int:
+    """Run ``pretrain_moh.py argv`` in one forked rank, SIGKILL it once the save of
+    ``stall_iteration`` has begun writing; return the process's exit code (-9)."""
+    import tempfile
+    import time
+
+    from tests import launcher
+
+    ctx = launcher._context()
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        process = ctx.Process(target=launcher._worker, args=(
+            stalled_save_worker, 0, 1, os.path.join(tmp, "rendezvous"), queue, (argv, stall_iteration, marker), {}))
+        process.start()
+        deadline = time.time() + timeout
+        while not os.path.exists(marker) and process.is_alive() and time.time() < deadline:
+            time.sleep(0.1)
+        stalled = os.path.exists(marker)
+        # megatron's checkpointing starts helper processes (a multiprocessing manager); a real
+        # SIGKILL would orphan them, so end them too, by pid.
+        import psutil
+
+        helpers = psutil.Process(process.pid).children(recursive=True) if process.is_alive() else []
+        process.kill()
+        process.join()
+        for helper in helpers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                helper.kill()
+    if not stalled:
+        raise AssertionError(f"the save of iteration {stall_iteration} never started writing")
+    return process.exitcode
