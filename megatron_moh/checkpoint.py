@@ -368,6 +368,10 @@ def check_load(args: argparse.Namespace) -> None:
         if pretrained is None:
             raise CheckpointError(f"--load {err}") from None
         which, path = find_checkpoint(pretrained)
+    step = getattr(args, "ckpt_step", None)
+    if step:  # megatron loads this iteration instead of the tracker's
+        which, path = step, path.parent / f"iter_{step:07d}"
+        _check_complete(path)
     state = read_common_state(path)
     saved = state.get("args")
     if saved is None:
@@ -698,13 +702,19 @@ def import_hf(
     from megatron.training.checkpointing import _build_sharded_state_dict_metadata, generate_state_dict
 
     from megatron_moh import hf_convert as hc
+    from megatron_moh.hf.configuration_moh import MoHLlamaConfig
 
     hf_dir = Path(hf_dir)
     out = _fresh_output_dir(out_dir, overwrite)
     try:
         hf_config = hc.load_hf_config(hf_dir)
-        if isinstance(layout, str) and hf_config.model_type == "moh_llama" and layout not in hc.LAYOUT_PRESETS:
-            raise hc.ConversionError(f"layout={layout!r} is unknown")
+        is_moh = hf_config.model_type == MoHLlamaConfig.model_type
+        if is_moh and layout is not None:
+            raise CheckpointError(f"{hf_dir} is a moh_llama checkpoint with its own MoH layout: drop --layout")
+        if not is_moh and layout is None:
+            raise CheckpointError(f"{hf_dir} is a plain Llama: choose its MoH layout with --layout dense (every "
+                                  f"head shared: the same function), published (50% shared, 25% routed-active, "
+                                  f"query-norm router) or custom (--moh-* flags)")
         config_kwargs = hc.megatron_config_kwargs(hf_config, layout)
         _check_layout(config_kwargs, tensor_parallel, pipeline_parallel)
         imported = hc.import_hf_checkpoint(hf_dir, layout)

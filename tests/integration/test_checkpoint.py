@@ -158,14 +158,15 @@ def _validation(results):
 
 @pytest.fixture(scope="module")
 def tp2pp2(tmp_path_factory):
-    """Uninterrupted TP=2 x PP=2 run to 8, and the same run saved at 4 (plain and distributed
-    optimizer with reshardable optimizer state)."""
-    full = _reshard_run(TP2PP2)
-    saved = {}
+    """Uninterrupted TP=2 x PP=2 runs to 8 (plain and distributed optimizer with reshardable
+    optimizer state) that also save at 4; each iteration-4 checkpoint is copied out to load."""
+    full, saved = {}, {}
     for name, optimizer in (("plain", []), ("fully-reshardable", FULLY_RESHARDABLE)):
         root = tmp_path_factory.mktemp(f"tp2pp2-{name}")
-        _reshard_run(TP2PP2, "--save", str(root), "--save-interval", "4", "--exit-interval", "4", *optimizer)
-        saved[name] = root
+        full[name] = _reshard_run(TP2PP2, "--save", str(root / "run"), "--save-interval", "4", *optimizer)
+        shutil.copytree(root / "run" / "iter_0000004", root / "at4" / "iter_0000004")
+        (root / "at4" / checkpoint.TRACKER).write_text("4")
+        saved[name] = root / "at4"
     return full, saved
 
 
@@ -174,7 +175,7 @@ def test_resharded_checkpoint_gives_the_same_evaluation_loss(layout, tp2pp2):
     full, saved = tp2pp2
     evaluated = _validation(_reshard_run(LAYOUTS[layout], "--load", str(saved["plain"]), "--skip-train"))
     # the same validation batches as the TP=2 x PP=2 run evaluated at iteration 4, to print precision
-    assert evaluated["iteration 4 on validation set"] == _validation(full)["iteration 4"]
+    assert evaluated["iteration 4 on validation set"] == _validation(full["plain"])["iteration 4"]
 
 
 @pytest.mark.parametrize("layout,optimizer", [("tp1-pp1", "plain"), ("tp1-pp4", "fully-reshardable")])
@@ -183,12 +184,12 @@ def test_resharded_optimizer_state_continues_training(layout, optimizer, tp2pp2)
     flags = FULLY_RESHARDABLE if optimizer == "fully-reshardable" else []
     resumed = _reshard_run(LAYOUTS[layout], "--load", str(saved[optimizer]), *flags)
     # The last rank holds the last pipeline stage in both layouts; micro-batches come in the same order.
-    expected = [pair for pair in full[-1]["losses"] if pair[0] >= 4]
+    expected = [pair for pair in full[optimizer][-1]["losses"] if pair[0] >= 4]
     got = resumed[-1]["losses"]
     assert [it for it, _ in got] == [it for it, _ in expected] == [4, 4, 5, 5, 6, 6, 7, 7]
     for (it, value), (_, ref) in zip(got, expected):
         assert value == pytest.approx(ref, rel=REL_TOL), f"iteration {it}"
-    expected_validation = {k: v for k, v in _validation(full).items() if not k.startswith("iteration 4")}
+    expected_validation = {k: v for k, v in _validation(full[optimizer]).items() if not k.startswith("iteration 4")}
     assert _validation(resumed) == pytest.approx(expected_validation, rel=1e-5)
 
 
