@@ -27,7 +27,7 @@ setup(
     extras_require={
         # Transformer Engine builds against CUDA on a GPU machine; see README, "Optional extras".
         "te": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "lm-eval>=0.4", "accelerate"],
         "eval": ["lm-eval>=0.4"],
     },
 )
