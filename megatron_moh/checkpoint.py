@@ -321,19 +321,13 @@ MODEL_FIELDS = (
 )
 
 
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
 def compare_model_args(saved: Any, current: Any) -> list[str]:
     """Human-readable differences between the model a checkpoint holds and the one ``current``
     builds (empty when they match)."""
     problems = []
     for field in MODEL_FIELDS:
-        if not hasattr(saved, field) and field.startswith("moh_"):
-            if field == "moh_dense_baseline" and getattr(current, field, False):
-                problems.append("the checkpoint is not a MoH model (no moh_* settings) but this run builds the dense baseline")
-            continue
+        if field.startswith("moh_") and not hasattr(saved, field):
+            continue  # a megatron GPT saved without this project: its weights may still fit
         before, now = _effective(saved, field), _effective(current, field)
         if before != now:
             problems.append(f"{field}={before!r} in the checkpoint but {now!r} here")
@@ -378,11 +372,12 @@ def check_load(args: argparse.Namespace) -> None:
         return
     problems = compare_model_args(saved, args)
     finetune = getattr(args, "finetune", False) or which == RELEASE
-    if _file_digest(getattr(saved, "tokenizer_model", None)) not in (None, _file_digest(args.tokenizer_model)) \
-            and _file_digest(args.tokenizer_model) is not None:
+    saved_tokenizer = _file_digest(getattr(saved, "tokenizer_model", None))
+    current_tokenizer = _file_digest(getattr(args, "tokenizer_model", None))
+    if saved_tokenizer and current_tokenizer and saved_tokenizer != current_tokenizer:
         problems.append(f"tokenizer model {args.tokenizer_model} is not the checkpoint's "
                         f"({saved.tokenizer_model}): another vocabulary")
-    if not finetune and saved.tokenizer_type != args.tokenizer_type:
+    if not finetune and getattr(saved, "tokenizer_type", None) != getattr(args, "tokenizer_type", None):
         problems.append(f"tokenizer_type={saved.tokenizer_type!r} in the checkpoint but {args.tokenizer_type!r} here")
     if problems:
         hint = ""
@@ -745,3 +740,41 @@ def import_hf(
                                     content_metadata=_clean_metadata_for_serialization(metadata))
             (scratch / TRACKER).write_text(RELEASE)
     return out
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def finetune_flags(args: argparse.Namespace) -> list[str]:
+    """The pretrain_moh.py flags that build the model ``args`` (a checkpoint's stored arguments)
+    describe, at its recorded TP/PP: what ``--load DIR --finetune`` needs besides data and
+    training settings. Tied embeddings have no flag of their own (the project's default is
+    untied), so for them the list includes --use-checkpoint-args, which restores the setting."""
+    flags = ["--num-layers", args.num_layers, "--hidden-size", args.hidden_size,
+             "--ffn-hidden-size", args.ffn_hidden_size, "--num-attention-heads", args.num_attention_heads]
+    if getattr(args, "group_query_attention", False):
+        flags += ["--group-query-attention", "--num-query-groups", args.num_query_groups]
+    flags += ["--kv-channels", _effective(args, "kv_channels"), "--max-position-embeddings",
+              args.max_position_embeddings, "--rotary-base", _number(args.rotary_base),
+              "--norm-epsilon", args.layernorm_epsilon, "--make-vocab-size-divisible-by", args.make_vocab_size_divisible_by,
+              "--tensor-model-parallel-size", args.tensor_model_parallel_size,
+              "--pipeline-model-parallel-size", args.pipeline_model_parallel_size]
+    if getattr(args, "moh_dense_baseline", False):
+        flags += ["--moh-dense-baseline"]
+    elif hasattr(args, "moh_router"):
+        flags += ["--moh-num-shared-heads", args.moh_num_shared_heads, "--moh-topk", args.moh_topk,
+                  "--moh-router", args.moh_router, "--moh-gate", args.moh_gate,
+                  "--moh-two-stage" if args.moh_two_stage else "--no-moh-two-stage"]
+    flags += ["--tokenizer-type", args.tokenizer_type]
+    if args.tokenizer_type == "NullTokenizer":
+        flags += ["--vocab-size", args.vocab_size]
+    elif getattr(args, "tokenizer_model", None):
+        flags += ["--tokenizer-model", args.tokenizer_model]
+    if getattr(args, "bf16", False):
+        flags += ["--bf16"]
+    elif getattr(args, "fp16", False):
+        flags += ["--fp16"]
+    if not args.untie_embeddings_and_output_weights:
+        flags += ["--use-checkpoint-args"]
+    return [str(flag) for flag in flags]

@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     except (checkpoint.CheckpointError, ConversionError) as err:
         raise SystemExit(f"{PROG}: error: {err}") from None
     print(f"{PROG}: wrote {out}")
+    if opts.command == "import-hf":
+        import shlex
+
+        flags = checkpoint.finetune_flags(checkpoint.read_checkpoint_args(out))
+        print(f"continue training it with:\n  python pretrain_moh.py --load {shlex.quote(str(out))} --finetune "
+              f"{shlex.join(flags)} --data-path ... --save ...")
 
 
 if __name__ == "__main__":

@@ -255,13 +255,6 @@ def test_megatron_hf_megatron_round_trip_is_bit_identical(router, exported, trai
 
 LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
              num_key_value_heads=4, max_position_embeddings=SEQ, rms_norm_eps=1e-5, initializer_range=0.1)
-# pretrain_moh.py flags for the same model, every head shared.
-LLAMA_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "8",
-               "--group-query-attention", "--num-query-groups", "4", "--seq-length", str(SEQ),
-               "--max-position-embeddings", str(SEQ), "--moh-num-shared-heads", "8", "--moh-topk", "0",
-               "--moh-router", "query_norm", "--moh-gate", "binary"]
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """A random transformers LlamaForCausalLM saved with save_pretrained, and its logits."""
@@ -298,13 +291,16 @@ def test_llama_imported_with_every_head_shared_keeps_its_logits(imported_dense, 
 
 
 def test_imported_llama_continues_training_with_finetune(imported_dense, tmp_path):
-    """pretrain_moh.py --load <import> --finetune at TP=2 starts from the Llama's weights: after two
-    steps every weight is within a few learning rates of them (a fresh init would be ~0.1 away)."""
+    """pretrain_moh.py --load <import> --finetune, with the flags the tool prints, at TP=2 starts from
+    the Llama's weights: after two steps every weight is within a few learning rates of them (a
+    fresh init would be ~0.1 away)."""
     tuned = tmp_path / "tuned"
+    flags = checkpoint.finetune_flags(checkpoint.read_checkpoint_args(imported_dense))
+    assert flags[flags.index("--tensor-model-parallel-size") + 1] == "2"
+    assert flags[flags.index("--tokenizer-type"):][:4] == ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB)]
     results = launch(run_worker, 2, [
-        *LLAMA_FLAGS, "--tensor-model-parallel-size", "2", "--micro-batch-size", "4", "--global-batch-size", "8",
-        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB), "--train-iters", "2",
-        "--lr", "1e-3", "--lr-warmup-iters", "0", "--eval-iters", "0", "--log-interval", "1",
+        *flags, "--mock-data", "--seq-length", str(SEQ), "--micro-batch-size", "4", "--global-batch-size", "8",
+        "--train-iters", "2", "--lr", "1e-3", "--lr-warmup-iters", "0", "--eval-iters", "0", "--log-interval", "1",
         "--load", str(imported_dense), "--finetune", "--save", str(tuned), "--save-interval", "2"], timeout=600)
     assert "loading release distributed checkpoint" in results[0]["out"]
     assert {it for it, _ in results[-1]["losses"]} == {0, 1}
