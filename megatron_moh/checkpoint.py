@@ -130,10 +130,11 @@ def _install_safe_loading() -> None:
 # Distributed optimizer with torch AdamW
 
 
-def _torch_adam_fallback() -> bool:
+def _torch_adam_fallback(optimizer: Any) -> bool:
+    """Whether a distributed optimizer wraps plain torch Adam(W), megatron's fallback without apex/TE."""
     from megatron.core.optimizer import distrib_optimizer
 
-    return not distrib_optimizer.HAVE_APEX_OR_TE
+    return not distrib_optimizer.HAVE_APEX_OR_TE and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
 
 
 @torch.no_grad()
@@ -160,7 +161,7 @@ def _install_distributed_optimizer_fixes() -> None:
     @functools.wraps(sharded_state_dict)
     def sharded_state_dict_prefilled(self, model_sharded_state_dict={}, is_loading=False,  # noqa: B006
                                      sharding_type=None, metadata=None):
-        if is_loading and _torch_adam_fallback() and not self.optimizer.state:
+        if is_loading and _torch_adam_fallback(self.optimizer) and not self.optimizer.state:
             _prefill_adam_state(self.optimizer)
         return sharded_state_dict(self, model_sharded_state_dict, is_loading, sharding_type, metadata)
 
@@ -168,7 +169,7 @@ def _install_distributed_optimizer_fixes() -> None:
     def load_state_dict_with_own_steps(self, state_dict):
         with torch.no_grad():  # main params are views of leaf tensors
             load_state_dict(self, state_dict)
-        if _torch_adam_fallback():
+        if _torch_adam_fallback(self.optimizer):
             # megatron gives every parameter the SAME step tensor (from the param groups); torch
             # Adam increments each parameter's step in place, so it would advance N times a step.
             for state in self.optimizer.state.values():
@@ -177,7 +178,7 @@ def _install_distributed_optimizer_fixes() -> None:
 
     @functools.wraps(set_states)
     def set_states_except_step(self, model_param, tensors):
-        if _torch_adam_fallback():
+        if _torch_adam_fallback(self.optimizer):
             # The step comes from the param groups (load_state_dict); the per-parameter state in
             # the checkpoint has none (model-space formats) or the pre-fill's placeholder.
             tensors = dict(tensors, step=None)
