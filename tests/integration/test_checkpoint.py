@@ -38,11 +38,9 @@ def _losses(results):
     return [pair for result in results for pair in result["losses"]]
 
 
-def _interrupted_then_resumed(root, world, *extra, **stop):
-    """Train until stopped at iteration SAVE_AT (by --exit-interval unless ``stop`` says how),
-    saving there; then resume from that checkpoint to ITERS."""
-    how = [] if stop else ["--exit-interval", str(SAVE_AT)]
-    first = _run(world, "--save", str(root), "--save-interval", "100" if stop else str(SAVE_AT), *how, *extra, **stop)
+def _interrupted_then_resumed(root, world, *extra):
+    """Train until --exit-interval stops the run at SAVE_AT, saving there; then resume to ITERS."""
+    first = _run(world, "--save", str(root), "--save-interval", str(SAVE_AT), "--exit-interval", str(SAVE_AT), *extra)
     resumed = _run(world, "--load", str(root), "--save", str(root), "--save-interval", "100", *extra)
     return first, resumed
 
@@ -53,7 +51,7 @@ def uninterrupted():
 
 
 @pytest.fixture(scope="module")
-def plain_resume(tmp_path_factory, uninterrupted):
+def plain_resume(tmp_path_factory):
     root = tmp_path_factory.mktemp("plain")
     return root, *_interrupted_then_resumed(root, 1)
 
