@@ -7,31 +7,38 @@
 Every Megatron-LM flag works as in Megatron-LM; --moh-* flags set the mixture of heads.
 """
 
+from __future__ import annotations
+
 import sys
+from collections.abc import Sequence
 
 from megatron_moh import platform
 
-platform.single_process_defaults()
-platform.setup()
 
-from megatron.core.enums import ModelType  # noqa: E402
-from megatron.training import pretrain  # noqa: E402
-from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
-from megatron.training.arguments import parse_and_validate_args  # noqa: E402
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse, check, train: megatron.training's loop with the MoH model, data and metrics."""
+    platform.single_process_defaults()
+    platform.setup()
 
-from megatron_moh import checkpoint, metrics  # noqa: E402
-from megatron_moh.cli import TINY_MODEL_DEFAULTS, add_moh_args, check_args, with_builtin_data  # noqa: E402
-from megatron_moh.train import datasets_provider, forward_step, model_provider  # noqa: E402
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.global_vars import set_global_variables
 
+    from megatron_moh import metrics, preflight
+    from megatron_moh.arguments import TINY_MODEL, parse_megatron_args
+    from megatron_moh.data.corpus import with_builtin_data
+    from megatron_moh.patches import checkpointing
+    from megatron_moh.train import datasets_provider, forward_step, model_provider
 
-def main() -> None:
-    checkpoint.install()  # before --use-checkpoint-args can read a checkpoint during parsing
-    sys.argv = [sys.argv[0], *with_builtin_data(sys.argv[1:])]
+    checkpointing.install()  # before --use-checkpoint-args can read a checkpoint during parsing
+    argv = with_builtin_data(list(sys.argv[1:] if argv is None else argv))
     try:
-        args = parse_and_validate_args(extra_args_provider=add_moh_args, args_defaults=TINY_MODEL_DEFAULTS)
+        args = parse_megatron_args(argv, TINY_MODEL)
     except AssertionError as err:  # megatron's argument checks, e.g. impossible batch sizes
-        raise SystemExit(f"pretrain_moh.py: error: {err}") from None
-    check_args(args)
+        raise SystemExit(f"{preflight.PROG}: error: {err}") from None
+    set_global_variables(args)
+    preflight.check_args(args)
     metrics.install()
     pretrain(
         pretrain_cfg_container_from_args(args),

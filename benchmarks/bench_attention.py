@@ -35,7 +35,7 @@ def main() -> None:
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_moh.builder import llama_moh_config
+    from megatron_moh.model import llama_moh_config
     from megatron_moh.specs import local_layer_spec
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32

@@ -34,7 +34,7 @@ def main() -> None:
         args.repeats, args.warmup = 2, 1
 
     device = setup_one_rank()
-    from megatron_moh.builder import build_gpt_model, count_parameters, llama_moh_config
+    from megatron_moh.model import build_gpt_model, count_parameters, llama_moh_config
 
     h = args.heads
     settings = [("dense attention", False, "learned", h, 0),

@@ -28,11 +28,11 @@ TRAIN_ARGS=(
 )
 [[ "$TP" -gt 1 ]] && TRAIN_ARGS+=(--sequence-parallel)
 
-# DRY_RUN=1 prints the pretrain_moh.py arguments, one per line, instead of launching (tests use it).
-launch_or_print() {
+# DRY_RUN=1 prints the pretrain_moh.py arguments, one per line, and exits before anything is
+# created or launched (tests use it).
+exit_if_dry_run() {
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     printf '%s\n' "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}"
     exit 0
   fi
-  "$@"
 }

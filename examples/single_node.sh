@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source examples/common.sh
 NPROC=${NPROC:-$(python3 -c 'import torch; print(max(torch.cuda.device_count(), 1))' 2>/dev/null || echo 1)}
+exit_if_dry_run
 mkdir -p "$RUN_DIR"
-launch_or_print .venv/bin/torchrun --standalone --nproc-per-node "$NPROC" pretrain_moh.py \
+.venv/bin/torchrun --standalone --nproc-per-node "$NPROC" pretrain_moh.py \
   "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" 2>&1 | tee -a "$RUN_DIR/train.log"

@@ -7,6 +7,7 @@ MFU are honest.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -16,22 +17,24 @@ from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.training import get_args, get_tensorboard_writer
 from megatron.training import training as megatron_training
 
+from megatron_moh.patches import original, replace, wrap
 from megatron_moh.router import LOAD_BALANCE_LOSS, HeadRouter
 
-# Routers of this rank's model chunks, in layer order; filled by `register_model`.
-_ROUTERS: list[HeadRouter] = []
+# The routers of the model being trained (megatron's log hook is not handed the model); weak, so
+# a model that is gone takes its routers with it.
+_ROUTERS: "weakref.WeakSet[HeadRouter]" = weakref.WeakSet()
 
 
-def register_model(model: torch.nn.Module) -> None:
-    """Remember a model chunk's routers for head-usage logging."""
-    _ROUTERS.extend(m for m in model.modules() if isinstance(m, HeadRouter))
+def track_routers(model: torch.nn.Module) -> None:
+    """Log the head usage of this model chunk's routers."""
+    _ROUTERS.update(m for m in model.modules() if isinstance(m, HeadRouter))
 
 
 def moh_flops(args, batch_size: int, seqlen_squared_sum_in_batch=None, total_real_tokens_in_batch=None,
               *, dense_flops=None) -> float:
     """megatron's FLOPs of one global batch minus the attention core (QK^T, PV) of the routed heads
     each token did not use. The projections still run for every head, so they stay counted."""
-    dense_flops = dense_flops or _DENSE_FLOPS
+    dense_flops = dense_flops or original(megatron_training, "num_floating_point_operations")
     total = dense_flops(args, batch_size, seqlen_squared_sum_in_batch, total_real_tokens_in_batch)
     if getattr(args, "moh_dense_baseline", True) or args.moh_topk is None:
         return total
@@ -41,36 +44,32 @@ def moh_flops(args, batch_size: int, seqlen_squared_sum_in_batch=None, total_rea
     return total - 6 * args.kv_channels * unused_heads * args.num_layers * squares
 
 
-_DENSE_FLOPS = megatron_training.num_floating_point_operations
 
-
-def _head_usage(iteration: int, writer) -> None:
-    """Gather per-layer head usage over PP and DP; write histograms and a heat-map."""
-    usage = [router.reset_head_usage() for router in _ROUTERS]
-    if not usage:
+def _head_usage(iteration: int, writer, num_layers: int) -> None:
+    """Gather per-layer head usage over DP and PP (virtual stages too); write histograms and a
+    heat-map. Layers are numbered from 0, as megatron names the per-layer load-balance loss."""
+    routers = list(_ROUTERS)
+    if not routers:
         return
-    layers = torch.stack(usage)  # [local layers, routed heads]
+    table = torch.zeros(num_layers, routers[0].num_routed)  # [all layers, routed heads]
+    for router in routers:
+        table[router.layer_number - 1] = router.reset_head_usage().cpu()
+    table = table.to(routers[0].head_usage.device)
     dp_group = parallel_state.get_data_parallel_group()
-    torch.distributed.all_reduce(layers, group=dp_group)
-    layers /= torch.distributed.get_world_size(dp_group)
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    parts = [torch.empty_like(layers) for _ in range(torch.distributed.get_world_size(pp_group))]
-    torch.distributed.all_gather(parts, layers, group=pp_group)
+    torch.distributed.all_reduce(table, group=dp_group)
+    table /= torch.distributed.get_world_size(dp_group)
+    torch.distributed.all_reduce(table, group=parallel_state.get_pipeline_model_parallel_group())
     if writer is None:
         return
-    table = torch.cat(parts)  # [all layers, routed heads], layer order = stage order
-    for layer, fractions in enumerate(table, start=1):
-        writer.add_histogram(f"moh/head_usage/layer_{layer:02d}", fractions, iteration)
-        writer.add_scalar(f"moh/head_usage_max/layer_{layer:02d}", fractions.max(), iteration)
+    for layer, fractions in enumerate(table):
+        writer.add_histogram(f"moh/head_usage_layer_{layer}", fractions, iteration)
+        writer.add_scalar(f"moh/head_usage_max_layer_{layer}", fractions.max(), iteration)
     scaled = table / table.max().clamp_min(1e-12)
     image = (scaled * 255).to(torch.uint8).repeat_interleave(16, 0).repeat_interleave(16, 1)
     writer.add_image("moh/head_usage_heatmap", image[None], iteration, dataformats="CHW")
 
 
-def install() -> None:
-    """Hook the MoH metrics into megatron.training's log and FLOP count (call before pretrain)."""
-    original_log = megatron_training.training_log
-
+def _with_moh_metrics(original_log):
     @functools.wraps(original_log)
     def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs):
         args = get_args()
@@ -87,8 +86,17 @@ def install() -> None:
                 total_loss_dict=total_loss_dict,
             )
             if iteration % args.log_interval == 0:
-                _head_usage(iteration, writer)
+                _head_usage(iteration, writer, args.num_layers)
         return original_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs)
 
-    megatron_training.training_log = training_log
-    megatron_training.num_floating_point_operations = moh_flops
+    return training_log
+
+
+def install() -> None:
+    """Hook the MoH metrics into megatron.training's log and FLOP count (idempotent; call before
+    pretrain)."""
+    wrap(megatron_training, "training_log", _with_moh_metrics, why="MoH metrics in megatron's log",
+         params=("loss_dict", "total_loss_dict", "learning_rate", "iteration"))
+    replace(megatron_training, "num_floating_point_operations", moh_flops,
+            why="FLOPs that credit the attention core only for the heads each token used",
+            params=("args", "batch_size", "seqlen_squared_sum_in_batch", "total_real_tokens_in_batch"))

@@ -85,6 +85,7 @@ def local_layer_spec(config: TransformerConfig, moh: bool = True) -> ModuleSpec:
         self_attention=_attention_spec(
             config, moh, attention.linear_qkv, attention.core_attention, attention.linear_proj
         ),
+        mlp=functools.partial(base.mlp, ffn_hidden_size=config.ffn_hidden_size),
         sharded_state_dict_keys_map=dict(_KEYS_MAP),
     )
     return ModuleSpec(TransformerLayer, submodules=submodules)
@@ -111,6 +112,7 @@ def te_layer_spec(config: TransformerConfig, moh: bool = True) -> ModuleSpec:
         mlp=functools.partial(
             MLP.as_mlp_submodule,
             submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear),
+            ffn_hidden_size=config.ffn_hidden_size,
         ),
         mlp_bda=get_bias_dropout_add,
         sharded_state_dict_keys_map={"input_layernorm.": _KEYS_MAP["input_layernorm."]},

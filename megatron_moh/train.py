@@ -13,34 +13,18 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.models.gpt import GPTModel
 from megatron.training import get_args, get_tokenizer
-from megatron.training.argument_utils import core_transformer_config_from_args
 from megatron.training.utils.common_utils import get_blend_and_blend_per_split, print_rank_0
 
 from megatron_moh import metrics, platform
-from megatron_moh.builder import build_gpt_model
-from megatron_moh.config import MoHTransformerConfig
+from megatron_moh.model import model_from_args
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
                    config=None, pg_collection=None) -> GPTModel:
     """One (virtual) pipeline stage of the MoH GPT described by the command line."""
-    args = get_args()
-    config = core_transformer_config_from_args(args, MoHTransformerConfig)
-    backend = "te" if args.transformer_impl == "transformer_engine" else "local"
-    model = build_gpt_model(
-        config,
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        backend=backend,
-        moh=not args.moh_dense_baseline,
-        pre_process=pre_process,
-        post_process=post_process,
-        vp_stage=vp_stage,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        rotary_base=args.rotary_base,
-        pg_collection=pg_collection,
-    )
-    metrics.register_model(model)
+    model = model_from_args(get_args(), pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                            pg_collection=pg_collection)
+    metrics.track_routers(model)
     return model
 
 

@@ -7,7 +7,7 @@ import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.spec_utils import build_module
 
-from megatron_moh.builder import llama_moh_config
+from megatron_moh.model import llama_moh_config
 from megatron_moh.specs import local_layer_spec
 
 TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=128)

@@ -6,4 +6,4 @@ import megatron.core  # noqa: F401
 from megatron.core import parallel_state  # noqa: F401
 from megatron.core.models.gpt import GPTModel  # noqa: F401
 
-import megatron_moh.builder  # noqa: F401
+import megatron_moh.model  # noqa: F401

@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from megatron_moh import checkpoint
+from megatron_moh.conversion.hf_checkpoint import finetune_flags
+from megatron_moh.conversion.whole_model import load_model, single_process_group
 from tests.integration.checkpoint_runner import run_worker
 from tests.launcher import launch
 
@@ -140,8 +142,8 @@ def exported(tmp_path_factory, trained):
     for name, ckpt in trained.items():
         assert tool("export-hf", "--load", ckpt, "--out", root / name) is None
         models[name] = str(root / name)
-        with checkpoint.single_process_group():
-            model, _ = checkpoint.load_model(ckpt)
+        with single_process_group():
+            model, _ = load_model(ckpt)
             expected[name] = _megatron_logits(model, ids)
     task_dir = root / "tasks"
     task_dir.mkdir()
@@ -217,8 +219,8 @@ def test_lm_eval_scores_the_export_as_megatron_does(exported, trained):
     # as lm-eval loads it for add_bos_token=True
     tokenizer = AutoTokenizer.from_pretrained(exported["models"]["learned"], add_bos_token=True)
     correct = 0
-    with checkpoint.single_process_group():
-        model, _ = checkpoint.load_model(trained["learned"])
+    with single_process_group():
+        model, _ = load_model(trained["learned"])
         for doc, sample in zip(MC_DOCS, scored["samples"]):
             assert sample["target"] == doc["answer"] and len(sample["requests"]) == len(doc["choices"])
             ours = []
@@ -239,9 +241,9 @@ def test_lm_eval_scores_the_export_as_megatron_does(exported, trained):
 def test_megatron_hf_megatron_round_trip_is_bit_identical(router, exported, trained, tmp_path):
     back = tmp_path / "back"
     assert tool("import-hf", "--hf", exported["models"][router], "--out", back) is None
-    with checkpoint.single_process_group():
-        original, original_args = checkpoint.load_model(trained[router])
-        again, again_args = checkpoint.load_model(back)
+    with single_process_group():
+        original, original_args = load_model(trained[router])
+        again, again_args = load_model(back)
     before, after = original.state_dict(), again.state_dict()
     assert before.keys() == after.keys()
     for key, tensor in before.items():
@@ -284,8 +286,8 @@ def imported_dense(tmp_path_factory, llama):
 def test_llama_imported_with_every_head_shared_keeps_its_logits(imported_dense, llama):
     _, ids, reference = llama
     assert checkpoint.find_checkpoint(imported_dense) == ("release", imported_dense / "release")
-    with checkpoint.single_process_group():
-        model, args = checkpoint.load_model(imported_dense)
+    with single_process_group():
+        model, args = load_model(imported_dense)
     assert (args.moh_num_shared_heads, args.moh_topk, args.tensor_model_parallel_size) == (8, 0, 2)
     torch.testing.assert_close(_megatron_logits(model, ids), reference, **TOL)
 
@@ -295,7 +297,7 @@ def test_imported_llama_continues_training_with_finetune(imported_dense, tmp_pat
     the Llama's weights: after two steps every weight is within a few learning rates of them (a
     fresh init would be ~0.1 away)."""
     tuned = tmp_path / "tuned"
-    flags = checkpoint.finetune_flags(checkpoint.read_checkpoint_args(imported_dense))
+    flags = finetune_flags(checkpoint.read_checkpoint_args(imported_dense))
     assert flags[flags.index("--tensor-model-parallel-size") + 1] == "2"
     assert flags[flags.index("--tokenizer-type"):][:4] == ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB)]
     results = launch(run_worker, 2, [
@@ -304,9 +306,9 @@ def test_imported_llama_continues_training_with_finetune(imported_dense, tmp_pat
         "--load", str(imported_dense), "--finetune", "--save", str(tuned), "--save-interval", "2"], timeout=600)
     assert "loading release distributed checkpoint" in results[0]["out"]
     assert {it for it, _ in results[-1]["losses"]} == {0, 1}
-    with checkpoint.single_process_group():
-        start, _ = checkpoint.load_model(imported_dense)
-        end, _ = checkpoint.load_model(tuned)
+    with single_process_group():
+        start, _ = load_model(imported_dense)
+        end, _ = load_model(tuned)
     assert checkpoint.find_checkpoint(tuned)[0] == 2
     moved = {k: (end.state_dict()[k] - v).abs().max().item() for k, v in start.state_dict().items()
              if not k.endswith("_extra_state")}
@@ -317,12 +319,13 @@ def test_published_layout_import_matches_transformers(llama, tmp_path):
     """--layout published: the MoH-LLaMA3 recipe's layout on plain Llama weights, as the published
     checkpoints are; megatron's logits equal the Hugging Face MoH-Llama's with the same layout."""
     from megatron_moh.hf import MoHLlamaForCausalLM
-    from megatron_moh.hf_convert import load_hf_config, load_hf_state_dict, moh_config_from_llama
+    from megatron_moh.conversion.hf_configs import moh_config_from_llama
+    from megatron_moh.conversion.hf_files import load_hf_config, load_hf_state_dict
 
     directory, ids, dense_logits = llama
     assert tool("import-hf", "--hf", directory, "--out", tmp_path / "ckpt", "--layout", "published") is None
-    with checkpoint.single_process_group():
-        model, args = checkpoint.load_model(tmp_path / "ckpt")
+    with single_process_group():
+        model, args = load_model(tmp_path / "ckpt")
     assert (args.moh_num_shared_heads, args.moh_topk, args.moh_router, args.moh_gate) == (4, 2, "query_norm", "binary")
     hf = MoHLlamaForCausalLM(moh_config_from_llama(load_hf_config(directory), "published")).eval()
     hf.load_state_dict(load_hf_state_dict(directory), strict=True)

@@ -3,12 +3,11 @@ MoH config, so a typo in examples/ fails CI."""
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from megatron_moh.cli import add_moh_args
+from megatron_moh.arguments import parse_megatron_args
 from megatron_moh.config import check_moh_config, resolve_moh_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,12 +25,9 @@ def _flags(script: str, model: str, **env) -> list[str]:
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("model", MODELS)
-def test_launch_flags_parse(script, model, monkeypatch):
-    from megatron.training.arguments import parse_args
-
+def test_launch_flags_parse(script, model):
     flags = _flags(script, model, TP="2", PP="2")
-    monkeypatch.setattr(sys, "argv", ["pretrain_moh.py", *flags])
-    args = parse_args(extra_args_provider=add_moh_args)  # exits on an unknown flag
+    args = parse_megatron_args(flags, validate=False)  # exits on an unknown flag
     assert args.tensor_model_parallel_size == 2 and args.sequence_parallel
     assert args.data_path == ["0.7", "/data/a", "0.3", "/data/b"]
     resolve_moh_defaults(args)
@@ -44,13 +40,6 @@ def test_launch_flags_parse(script, model, monkeypatch):
 
 
 def test_paper_hyper_parameters():
-    from megatron.training.arguments import parse_args
-
-    sys_argv = sys.argv
-    try:
-        sys.argv = ["pretrain_moh.py", *_flags(SCRIPTS[0], "moh_llm_b")]
-        args = parse_args(extra_args_provider=add_moh_args)
-    finally:
-        sys.argv = sys_argv
+    args = parse_megatron_args(_flags(SCRIPTS[0], "moh_llm_b"), validate=False)
     assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads, args.kv_channels) == (24, 1536, 4096, 16, 96)
     assert (args.lr, args.min_lr, args.lr_warmup_iters, args.weight_decay, args.clip_grad) == (5e-4, 5e-5, 500, 0.1, 1.0)

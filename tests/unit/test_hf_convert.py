@@ -5,8 +5,11 @@ import json
 import pytest
 import torch
 
-from megatron_moh import hf_convert as hc
-from megatron_moh.builder import build_gpt_model, llama_moh_config
+from megatron_moh.conversion import ConversionError
+from megatron_moh.conversion.hf_configs import MoHLayout, dense_llama_config, is_dense, megatron_config_kwargs, megatron_model_kwargs, moh_hf_config
+from megatron_moh.conversion.hf_files import import_hf_checkpoint, load_hf_state_dict, save_dense_hf_checkpoint, save_hf_checkpoint
+from megatron_moh.conversion.weights import hf_to_megatron, megatron_to_hf
+from megatron_moh.model import build_gpt_model, llama_moh_config
 from megatron_moh.hf import MoHLlamaConfig
 from tests.helpers import tiny_config
 
@@ -31,13 +34,13 @@ def _megatron_state(cfg, tied=False):
 def test_megatron_hf_megatron_round_trip_is_bit_identical(variant, tied):
     cfg = tiny_config(**VARIANTS[variant])
     state = _megatron_state(cfg, tied)
-    hf_state = hc.megatron_to_hf(state, cfg)
+    hf_state = megatron_to_hf(state, cfg)
     assert ("model.layers.0.self_attn.router.weight" in hf_state) == (cfg.moh_router == "learned")
     assert ("lm_head.weight" in hf_state) == (not tied)
     heads, groups, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
     assert hf_state["model.layers.1.self_attn.q_proj.weight"].shape == (heads * d, cfg.hidden_size)
     assert hf_state["model.layers.1.self_attn.k_proj.weight"].shape == (groups * d, cfg.hidden_size)
-    back = hc.hf_to_megatron(hf_state, cfg)
+    back = hf_to_megatron(hf_state, cfg)
     assert back.keys() == state.keys()
     for key, tensor in state.items():
         assert torch.equal(back[key], tensor), key
@@ -53,7 +56,7 @@ def test_qkv_split_follows_megatron_group_layout():
     state = _megatron_state(cfg)
     d, per_group = cfg.kv_channels, cfg.num_attention_heads // cfg.num_query_groups
     qkv = state["decoder.layers.0.self_attention.linear_qkv.weight"]
-    hf_state = hc.megatron_to_hf(state, cfg)
+    hf_state = megatron_to_hf(state, cfg)
     q = hf_state["model.layers.0.self_attn.q_proj.weight"]
     k = hf_state["model.layers.0.self_attn.k_proj.weight"]
     v = hf_state["model.layers.0.self_attn.v_proj.weight"]
@@ -68,37 +71,37 @@ def test_qkv_split_follows_megatron_group_layout():
 def test_transformer_engine_norm_names_are_read_and_written():
     cfg = tiny_config()
     state = _megatron_state(cfg)
-    te_state = hc.hf_to_megatron(hc.megatron_to_hf(state, cfg), cfg, backend="te")
+    te_state = hf_to_megatron(megatron_to_hf(state, cfg), cfg, backend="te")
     assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in te_state
     assert "decoder.layers.0.pre_mlp_layernorm.weight" not in te_state
-    assert hc.hf_to_megatron(hc.megatron_to_hf(te_state, cfg), cfg).keys() == state.keys()
+    assert hf_to_megatron(megatron_to_hf(te_state, cfg), cfg).keys() == state.keys()
 
 
 def test_incomplete_or_foreign_state_dicts_are_refused():
     cfg = tiny_config()
     state = _megatron_state(cfg)
     partial = {k: v for k, v in state.items() if not k.startswith("decoder.layers.1.")}
-    with pytest.raises(hc.ConversionError, match="state dict has no 'decoder.layers.1"):
-        hc.megatron_to_hf(partial, cfg)
-    with pytest.raises(hc.ConversionError, match="have no counterpart"):
-        hc.megatron_to_hf({**state, "decoder.layers.0.self_attention.linear_qkv.bias": torch.zeros(3)}, cfg)
-    with pytest.raises(hc.ConversionError, match="does not match the config"):
-        hc.megatron_to_hf(state, tiny_config(num_query_groups=2))
+    with pytest.raises(ConversionError, match="state dict has no 'decoder.layers.1"):
+        megatron_to_hf(partial, cfg)
+    with pytest.raises(ConversionError, match="have no counterpart"):
+        megatron_to_hf({**state, "decoder.layers.0.self_attention.linear_qkv.bias": torch.zeros(3)}, cfg)
+    with pytest.raises(ConversionError, match="does not match the config"):
+        megatron_to_hf(state, tiny_config(num_query_groups=2))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_config_maps_round_trip(variant):
     cfg = tiny_config(**VARIANTS[variant], layernorm_epsilon=1e-6)
-    hf_cfg = hc.moh_hf_config(cfg, VOCAB, MAX_SEQ, rotary_base=500000, tie_embeddings=True, eos_token_id=2)
+    hf_cfg = moh_hf_config(cfg, VOCAB, MAX_SEQ, rotary_base=500000, tie_embeddings=True, eos_token_id=2)
     assert isinstance(hf_cfg, MoHLlamaConfig) and hf_cfg.model_type == "moh_llama"
     assert hf_cfg.rope_parameters["rope_theta"] == 500000.0 and hf_cfg.rms_norm_eps == 1e-6
-    kwargs = hc.megatron_config_kwargs(hf_cfg)
+    kwargs = megatron_config_kwargs(hf_cfg)
     again = llama_moh_config(**kwargs)
     for field in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
                   "ffn_hidden_size", "layernorm_epsilon", "moh_num_shared_heads", "moh_topk", "moh_router",
                   "moh_gate", "moh_two_stage", "moh_attention_impl"):
         assert getattr(again, field) == getattr(cfg, field), field
-    assert hc.megatron_model_kwargs(hf_cfg) == dict(
+    assert megatron_model_kwargs(hf_cfg) == dict(
         vocab_size=VOCAB, max_sequence_length=MAX_SEQ, rotary_base=500000.0,
         share_embeddings_and_output_weights=True)
 
@@ -125,8 +128,8 @@ def test_bad_hf_config_is_one_clear_line(fields, message):
 
 
 def test_non_llama_megatron_config_is_refused():
-    with pytest.raises(hc.ConversionError, match="normalization must be 'RMSNorm'"):
-        hc.moh_hf_config(tiny_config(normalization="LayerNorm"), VOCAB, MAX_SEQ)
+    with pytest.raises(ConversionError, match="normalization must be 'RMSNorm'"):
+        moh_hf_config(tiny_config(normalization="LayerNorm"), VOCAB, MAX_SEQ)
 
 
 def _plain_llama_config(**overrides):
@@ -140,17 +143,17 @@ def _plain_llama_config(**overrides):
 
 def test_plain_llama_import_needs_a_layout_and_supports_the_published_one():
     llama = _plain_llama_config()
-    with pytest.raises(hc.ConversionError, match="has no MoH layout: pass layout="):
-        hc.megatron_config_kwargs(llama)
-    published = hc.megatron_config_kwargs(llama, "published")
+    with pytest.raises(ConversionError, match="has no MoH layout: pass layout="):
+        megatron_config_kwargs(llama)
+    published = megatron_config_kwargs(llama, "published")
     assert (published["moh_num_shared_heads"], published["moh_topk"], published["moh_router"],
             published["moh_gate"]) == (4, 2, "query_norm", "binary")
-    dense = hc.megatron_config_kwargs(llama, "dense")
+    dense = megatron_config_kwargs(llama, "dense")
     assert (dense["moh_num_shared_heads"], dense["moh_topk"]) == (8, 0)
-    with pytest.raises(hc.ConversionError, match="layout='nope' is unknown"):
-        hc.megatron_config_kwargs(llama, "nope")
-    with pytest.raises(hc.ConversionError, match="rope_type='llama3' is not supported"):
-        hc.megatron_model_kwargs(_plain_llama_config(rope_parameters=dict(
+    with pytest.raises(ConversionError, match="layout='nope' is unknown"):
+        megatron_config_kwargs(llama, "nope")
+    with pytest.raises(ConversionError, match="rope_type='llama3' is not supported"):
+        megatron_model_kwargs(_plain_llama_config(rope_parameters=dict(
             rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
             high_freq_factor=4.0, original_max_position_embeddings=8192)))
 
@@ -161,8 +164,8 @@ def test_learned_router_import_starts_at_zero():
     torch.manual_seed(0)
     llama_cfg = _plain_llama_config()
     state = LlamaForCausalLM(llama_cfg).state_dict()
-    layout = hc.MoHLayout(num_shared_heads=4, topk=2, router="learned", gate="weighted", two_stage=True)
-    imported = hc.import_hf_checkpoint((state, llama_cfg), layout)
+    layout = MoHLayout(num_shared_heads=4, topk=2, router="learned", gate="weighted", two_stage=True)
+    imported = import_hf_checkpoint((state, llama_cfg), layout)
     router = imported.state_dict["decoder.layers.0.self_attention.router.weight"]
     assert router.shape == (4 + 4 + 2, 64) and not router.any()
     model = build_gpt_model(llama_moh_config(**imported.config_kwargs), **imported.model_kwargs)
@@ -171,29 +174,29 @@ def test_learned_router_import_starts_at_zero():
 
 def test_dense_export_is_refused_for_a_routed_model(tmp_path):
     cfg = tiny_config(moh_router="query_norm")
-    hf_cfg = hc.moh_hf_config(cfg, VOCAB, MAX_SEQ)
-    assert not hc.is_dense(hf_cfg)
+    hf_cfg = moh_hf_config(cfg, VOCAB, MAX_SEQ)
+    assert not is_dense(hf_cfg)
     with pytest.raises(ValueError, match="only a dense model exports as plain Llama") as err:
-        hc.save_dense_hf_checkpoint(tmp_path / "dense", hc.megatron_to_hf(_megatron_state(cfg), cfg), hf_cfg)
+        save_dense_hf_checkpoint(tmp_path / "dense", megatron_to_hf(_megatron_state(cfg), cfg), hf_cfg)
     assert "\n" not in str(err.value) and "moh_topk=2" in str(err.value)
     assert not (tmp_path / "dense").exists()
     # All heads shared but learned weighted gates h_s * softmax(W_s x) are not exactly 1.
-    weighted = hc.moh_hf_config(tiny_config(moh_num_shared_heads=8, moh_topk=0, moh_gate="weighted"), VOCAB, MAX_SEQ)
+    weighted = moh_hf_config(tiny_config(moh_num_shared_heads=8, moh_topk=0, moh_gate="weighted"), VOCAB, MAX_SEQ)
     with pytest.raises(ValueError, match="only a dense model exports as plain Llama"):
-        hc.dense_llama_config(weighted)
+        dense_llama_config(weighted)
     for dense in (dict(moh_router="query_norm"), dict(moh_router="learned", moh_gate="binary")):
-        hf_dense = hc.moh_hf_config(tiny_config(moh_num_shared_heads=8, moh_topk=0, **dense), VOCAB, MAX_SEQ)
-        assert hc.is_dense(hf_dense)
-        plain = hc.dense_llama_config(hf_dense)
+        hf_dense = moh_hf_config(tiny_config(moh_num_shared_heads=8, moh_topk=0, **dense), VOCAB, MAX_SEQ)
+        assert is_dense(hf_dense)
+        plain = dense_llama_config(hf_dense)
         assert plain.model_type == "llama" and not hasattr(plain, "moh_topk")
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_saved_checkpoint_layout(tmp_path, tied):
     cfg = tiny_config()
-    hf_cfg = hc.moh_hf_config(cfg, VOCAB, MAX_SEQ, tie_embeddings=tied)
+    hf_cfg = moh_hf_config(cfg, VOCAB, MAX_SEQ, tie_embeddings=tied)
     original = _megatron_state(cfg, tied)
-    out = hc.save_hf_checkpoint(tmp_path / "ckpt", hc.megatron_to_hf(original, cfg), hf_cfg,
+    out = save_hf_checkpoint(tmp_path / "ckpt", megatron_to_hf(original, cfg), hf_cfg,
                                 max_shard_size="100KB")
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "configuration_moh.py", "modeling_moh.py",
@@ -206,11 +209,11 @@ def test_saved_checkpoint_layout(tmp_path, tied):
     for name in ("configuration_moh.py", "modeling_moh.py"):
         text = (out / name).read_text()
         assert "megatron" not in "\n".join(l for l in text.splitlines() if l.startswith(("import", "from")))
-    reread = hc.load_hf_state_dict(out)
-    assert reread.keys() == hc.megatron_to_hf(original, cfg).keys()
-    again = hc.import_hf_checkpoint(out)
+    reread = load_hf_state_dict(out)
+    assert reread.keys() == megatron_to_hf(original, cfg).keys()
+    again = import_hf_checkpoint(out)
     assert again.state_dict.keys() == original.keys()
     assert all(torch.equal(again.state_dict[k], original[k]) for k in original)
     assert again.model_kwargs["share_embeddings_and_output_weights"] == tied
-    with pytest.raises(hc.ConversionError, match="already has a MoH layout"):
-        hc.import_hf_checkpoint(out, layout="dense")
+    with pytest.raises(ConversionError, match="already has a MoH layout"):
+        import_hf_checkpoint(out, layout="dense")

@@ -15,8 +15,10 @@ import textwrap
 import pytest
 import torch
 
-from megatron_moh import hf_convert as hc
-from megatron_moh.builder import build_gpt_model, llama_moh_config
+from megatron_moh.conversion.hf_configs import MoHLayout, moh_config_from_llama, moh_hf_config
+from megatron_moh.conversion.hf_files import import_hf_checkpoint, save_dense_hf_checkpoint, save_hf_checkpoint
+from megatron_moh.conversion.weights import megatron_to_hf
+from megatron_moh.model import build_gpt_model, llama_moh_config
 from megatron_moh.hf import MoHLlamaConfig, MoHLlamaForCausalLM
 from tests.helpers import tiny_config
 
@@ -97,7 +99,7 @@ def _random_llama(seed=0, **overrides):
 
 
 def _import_into_megatron(checkpoint, layout):
-    imported = hc.import_hf_checkpoint(checkpoint, layout)
+    imported = import_hf_checkpoint(checkpoint, layout)
     cfg = llama_moh_config(**imported.config_kwargs)
     model = build_gpt_model(cfg, **imported.model_kwargs).eval()
     model.load_state_dict(imported.state_dict, strict=True)
@@ -119,8 +121,8 @@ def exported(tmp_path_factory):
         model = build_gpt_model(cfg, vocab_size=VOCAB, max_sequence_length=MAX_SEQ).eval()
         expected[name] = _megatron_logits(model, ids)
         tokenizer = root / "tokenizer.model" if i == 0 else None
-        out = hc.save_hf_checkpoint(root / name, hc.megatron_to_hf(model.state_dict(), cfg),
-                                    hc.moh_hf_config(cfg, VOCAB, MAX_SEQ), tokenizer_model_path=tokenizer)
+        out = save_hf_checkpoint(root / name, megatron_to_hf(model.state_dict(), cfg),
+                                    moh_hf_config(cfg, VOCAB, MAX_SEQ), tokenizer_model_path=tokenizer)
         models[name] = dict(dir=str(out), remote=True, generate=i == 0, tokenizer=tokenizer is not None)
 
     # A plain Llama through megatron (every head shared) and back out as a plain Llama.
@@ -128,8 +130,8 @@ def exported(tmp_path_factory):
     llama.save_pretrained(root / "llama-in")
     cfg, model = _import_into_megatron(root / "llama-in", "dense")
     expected["dense"] = _megatron_logits(model, ids)
-    hf_cfg = hc.moh_hf_config(cfg, VOCAB, MAX_SEQ)
-    out = hc.save_dense_hf_checkpoint(root / "dense", hc.megatron_to_hf(model.state_dict(), cfg), hf_cfg)
+    hf_cfg = moh_hf_config(cfg, VOCAB, MAX_SEQ)
+    out = save_dense_hf_checkpoint(root / "dense", megatron_to_hf(model.state_dict(), cfg), hf_cfg)
     models["dense"] = dict(dir=str(out), remote=False)
 
     job = dict(ids=str(root / "ids.pt"), models=models, out=str(root / "results.pt"), texts=TOKENIZER_SAMPLES)
@@ -187,9 +189,9 @@ def test_exported_tokenizer_has_sentencepiece_ids(exported):
 
 @pytest.mark.parametrize("layout", [
     "dense",
-    hc.MoHLayout(num_shared_heads=8, topk=0, router="learned", gate="binary"),
+    MoHLayout(num_shared_heads=8, topk=0, router="learned", gate="binary"),
     # Zero router, 8 shared heads: gates 8 * softmax(0) = 8 * 0.125 = 1 exactly.
-    hc.MoHLayout(num_shared_heads=8, topk=0, router="learned", gate="weighted"),
+    MoHLayout(num_shared_heads=8, topk=0, router="learned", gate="weighted"),
 ])
 def test_all_shared_import_of_a_llama_gives_its_logits(layout):
     llama = _random_llama(seed=1)
@@ -205,7 +207,7 @@ def test_published_layout_import_agrees_between_megatron_and_hf():
     ids = torch.randint(0, VOCAB, (BATCH, SEQ))
     cfg, model = _import_into_megatron((llama.state_dict(), llama.config), "published")
     assert (cfg.moh_num_shared_heads, cfg.moh_topk, cfg.moh_router, cfg.moh_gate) == (4, 2, "query_norm", "binary")
-    hf_cfg = hc.moh_config_from_llama(llama.config, "published")
+    hf_cfg = moh_config_from_llama(llama.config, "published")
     assert (hf_cfg.moh_num_shared_heads, hf_cfg.moh_topk, hf_cfg.tie_word_embeddings) == (4, 2, True)
     moh = MoHLlamaForCausalLM(hf_cfg).eval()
     moh.load_state_dict(llama.state_dict(), strict=True)

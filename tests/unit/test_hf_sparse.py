@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from megatron_moh import hf_convert as hc
+from megatron_moh.conversion.hf_files import save_hf_checkpoint
 from megatron_moh.hf import MoHLlamaConfig, MoHLlamaForCausalLM
 from megatron_moh.hf import modeling_moh
 
@@ -179,7 +179,7 @@ LOADER = textwrap.dedent('''
 
 def test_exported_sparse_model_loads_with_remote_code_and_equals_dense(tmp_path):
     dense, sparse = _pair("learned-weighted-2stage", "sdpa", seed=8)
-    out = hc.save_hf_checkpoint(tmp_path / "sparse", sparse.state_dict(), sparse.config)
+    out = save_hf_checkpoint(tmp_path / "sparse", sparse.state_dict(), sparse.config)
     ids = torch.randint(1, VOCAB, (2, 9))
     torch.save(ids, tmp_path / "ids.pt")
     job = dict(dir=str(out), ids=str(tmp_path / "ids.pt"), out=str(tmp_path / "out.pt"))

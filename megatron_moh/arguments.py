@@ -1,0 +1,149 @@
+"""The command line of pretrain_moh.py: Megatron-LM's flags, the ``--moh-*`` group, and defaults.
+
+Megatron-LM's parser stays the source of every standard flag; this module adds the MoH group and
+the project's defaults, in three tables: the Llama architecture, kernels that run everywhere,
+and run settings (logging, evaluation, tokenizer). A leaf module: it imports nothing else of the
+project but `platform`, so the entry point, the conversion tools and the tests all share it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from megatron_moh import platform
+
+# Llama's architecture (RMSNorm, SwiGLU, RoPE, no biases, untied embeddings, no dropout), in
+# Megatron-LM's argument names. `megatron_moh.model.llama_moh_config` reads the same table.
+LLAMA_ARCHITECTURE = dict(
+    normalization="RMSNorm",
+    norm_epsilon=1e-5,
+    swiglu=True,
+    position_embedding_type="rope",
+    untie_embeddings_and_output_weights=True,
+    add_bias_linear=False,
+    attention_dropout=0.0,
+    hidden_dropout=0.0,
+    init_method_std=0.02,
+)
+
+# Fused kernels need apex/TE or compile on first use (10-25 s); off unless asked for.
+PORTABLE_KERNELS = dict(
+    bias_swiglu_fusion=False,
+    masked_softmax_fusion=False,
+    bias_dropout_fusion=False,
+    apply_rope_fusion=False,
+    gradient_accumulation_fusion=False,
+    cross_entropy_loss_fusion=False,
+)
+
+# How a run logs, evaluates and reads its data.
+RUN_DEFAULTS = dict(
+    lr_decay_style="cosine",
+    log_interval=10,
+    log_throughput=True,
+    eval_iters=10,
+    num_workers=0,
+    tokenizer_type="GPTSentencePieceTokenizer",
+)
+
+# The built-in default model: learns visibly in a few minutes on two CPU cores. Applied by
+# megatron's validate_args only where the command line leaves a size unset.
+TINY_MODEL = dict(
+    num_layers=4,
+    hidden_size=128,
+    ffn_hidden_size=352,
+    num_attention_heads=8,
+    seq_length=128,
+    max_position_embeddings=128,
+    micro_batch_size=8,
+    global_batch_size=16,
+    train_iters=300,
+    lr=3e-3,
+    min_lr=3e-4,
+    lr_warmup_iters=30,
+    eval_interval=100,
+    split="98,2,0",
+)
+
+
+def add_moh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The MoH flags and the project's defaults on megatron's parser."""
+    group = parser.add_argument_group(title="mixture-of-heads")
+    group.add_argument("--moh-num-shared-heads", type=int, default=None,
+                       help="Query heads every token uses. Default: half of the heads.")
+    group.add_argument("--moh-topk", type=int, default=None,
+                       help="Routed heads each token activates. Default: a quarter of the heads.")
+    group.add_argument("--moh-router", choices=["learned", "query_norm"], default="learned",
+                       help="'learned' (paper) or the parameter-free 'query_norm' router.")
+    group.add_argument("--moh-gate", choices=["weighted", "binary"], default=None,
+                       help="Gate kind. Default: weighted for learned, binary for query_norm.")
+    group.add_argument("--moh-two-stage", action=argparse.BooleanOptionalAction, default=None,
+                       help="Weigh shared vs routed heads with a learned [a1, a2].")
+    group.add_argument("--moh-load-balance-coeff", type=float, default=0.01,
+                       help="beta of the load-balance loss (0 turns it off).")
+    group.add_argument("--moh-attention-impl", choices=["dense", "sparse"], default="dense",
+                       help="'dense' computes all heads; 'sparse' skips unchosen query rows.")
+    group.add_argument("--moh-dense-baseline", action="store_true",
+                       help="Build the same model with megatron-core's dense attention (baseline).")
+    group.add_argument("--moh-data-cache", type=str, default=None,
+                       help="Where the built-in corpus, tokenizer and dataset are cached.")
+    cpu = platform.cpu_requested()
+    parser.set_defaults(
+        **LLAMA_ARCHITECTURE,
+        **PORTABLE_KERNELS,
+        **RUN_DEFAULTS,
+        transformer_impl="local" if cpu else "transformer_engine",
+        distributed_backend=platform.distributed_backend(),
+        use_cpu_initialization=True if cpu else None,
+    )
+    return parser
+
+
+def _escape_stray_percent(parser: argparse.ArgumentParser) -> None:
+    """argparse formats help strings with ``%``; megatron-core 0.19.2 has one with a bare ``%``
+    (``--moe-paged-stash-buffer-size-factor-cuda``: "...10%).") that makes ``--help`` crash."""
+    for action in parser._actions:
+        if not action.help or action.help is argparse.SUPPRESS:
+            continue
+        try:
+            parser._get_formatter()._expand_help(action)
+        except (ValueError, TypeError, KeyError):
+            action.help = action.help.replace("%", "%%")
+
+
+def _parser_for(argv: Sequence[str], parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """megatron's ``extra_args_provider``: the MoH flags, and ``argv`` in place of ``sys.argv``."""
+    add_moh_args(parser)
+    _escape_stray_percent(parser)
+    argv = list(argv)
+    parse_known_args = parser.parse_known_args
+    parser.parse_known_args = lambda args=None, namespace=None: parse_known_args(  # type: ignore[method-assign]
+        argv if args is None else args, namespace)
+    return parser
+
+
+def parse_megatron_args(argv: Sequence[str], defaults: Mapping[str, Any] | None = None, *,
+                        validate: bool = True) -> argparse.Namespace:
+    """Megatron-LM's arguments (plus ``--moh-*``) from ``argv``, without touching ``sys.argv``.
+
+    ``defaults`` fill what ``argv`` leaves unset (megatron's ``args_defaults``). With
+    ``validate``, megatron's ``--use-checkpoint-args`` and ``validate_args`` run as in
+    ``parse_and_validate_args``; no global state is set.
+    """
+    from megatron.training.arguments import parse_args, validate_args
+
+    args = parse_args(extra_args_provider=functools.partial(_parser_for, argv))
+    if not validate:
+        return args
+    if args.use_checkpoint_args:
+        from megatron.training.checkpointing import load_args_from_checkpoint
+
+        if args.load is None and args.pretrained_checkpoint is None:
+            raise SystemExit("pretrain_moh.py: error: --use-checkpoint-args needs --load or --pretrained-checkpoint")
+        load_args_from_checkpoint(args, load_arg="pretrained_checkpoint")
+        load_args_from_checkpoint(args)
+    validate_args(args, dict(defaults or {}))
+    return args

@@ -1,0 +1,1 @@
+"""Command-line programs: each module has build_parser() and main(argv), used by tools/ and the console scripts."""

@@ -1,0 +1,291 @@
+"""megatron checkpoint -> Hugging Face directory (`export_hf`) and back (`import_hf`), plus the
+``pretrain_moh.py`` flags that continue-tune an imported model (`finetune_flags`).
+
+Both refuse bad input with one line before any work, and write through a scratch directory that
+replaces the output only once everything is written, so a failed conversion leaves nothing
+half-written and never replaces an existing directory without ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_moh.checkpoint import RELEASE, TRACKER, CheckpointError, effective_arg, read_checkpoint_args
+from megatron_moh.conversion import ConversionError
+from megatron_moh.conversion.hf_configs import dense_llama_config, megatron_config_kwargs, moh_hf_config
+from megatron_moh.conversion.hf_files import (
+    import_hf_checkpoint,
+    load_hf_config,
+    save_dense_hf_checkpoint,
+    save_hf_checkpoint,
+)
+from megatron_moh.conversion.weights import megatron_to_hf
+from megatron_moh.conversion.whole_model import build_model, load_model, one_process_args, single_process_group
+
+SENTENCEPIECE_TOKENIZERS = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
+
+
+def _fresh_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """``out_dir`` as a Path, refusing (before any work) to replace an existing one unless asked."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"{out} already exists: pass --overwrite to replace it, or choose another directory")
+    return out
+
+
+@contextlib.contextmanager
+def _written_atomically(out: Path) -> Iterator[Path]:
+    """A scratch directory beside ``out`` that replaces ``out`` only once everything is written, so
+    a failed conversion leaves no half-written output (and an overwritten one stays intact)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield scratch
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        scratch.rename(out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _model_config(args: argparse.Namespace):
+    """The MoHTransformerConfig of a run's arguments (a dense baseline as an all-shared MoH layout,
+    which computes the same function)."""
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    from megatron_moh.config import MoHTransformerConfig
+
+    args = one_process_args(args)
+    if getattr(args, "moh_dense_baseline", False):
+        args.moh_num_shared_heads, args.moh_topk = args.num_attention_heads, 0
+        args.moh_router, args.moh_gate, args.moh_two_stage = "query_norm", "binary", False
+    return core_transformer_config_from_args(args, MoHTransformerConfig)
+
+
+def _export_tokenizer(saved: argparse.Namespace, tokenizer_model: str | os.PathLike | None) -> tuple[str | None, str]:
+    """(sentencepiece model or Hugging Face tokenizer directory to export, its kind)."""
+    if tokenizer_model is not None:
+        path = Path(tokenizer_model)
+        if not path.exists():
+            raise CheckpointError(f"--tokenizer-model {path} does not exist")
+        return str(path), "hf" if path.is_dir() else "sentencepiece"
+    kind = getattr(saved, "tokenizer_type", None)
+    stored = getattr(saved, "tokenizer_model", None)
+    if kind in SENTENCEPIECE_TOKENIZERS or kind == "HuggingFaceTokenizer":
+        if not stored or not Path(stored).exists():
+            raise CheckpointError(f"the run's tokenizer ({kind}, {stored}) is not on this machine: pass "
+                                  f"--tokenizer-model with its sentencepiece .model file")
+        return str(stored), "hf" if kind == "HuggingFaceTokenizer" else "sentencepiece"
+    return None, "none"
+
+
+def export_hf(
+    load_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dense: bool = False,
+    tokenizer_model: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write the current checkpoint of ``load_dir`` (saved at any TP/PP) as a Hugging Face
+    ``moh_llama`` directory (``dense=True``: a plain Llama, refused unless every gate is 1).
+
+    The embedding and output layer keep megatron's padded vocabulary (``padded_vocab_size``
+    rows): the padding rows take part in megatron's softmax, so the exported logits equal
+    megatron's. The tokenizer is the run's sentencepiece model unless ``tokenizer_model`` says
+    otherwise (none for NullTokenizer runs).
+    """
+    out = _fresh_output_dir(out_dir, overwrite)
+    saved = read_checkpoint_args(load_dir)
+    tokenizer, tokenizer_kind = _export_tokenizer(saved, tokenizer_model)
+    try:
+        hf_config = moh_hf_config(
+            _model_config(saved), vocab_size=saved.padded_vocab_size,
+            max_position_embeddings=saved.max_position_embeddings, rotary_base=saved.rotary_base,
+            tie_embeddings=not saved.untie_embeddings_and_output_weights)
+        if dense:
+            dense_llama_config(hf_config)
+    except ConversionError as err:
+        raise CheckpointError(str(err)) from None
+    with single_process_group():
+        model, saved = load_model(load_dir)
+        hf_state = megatron_to_hf(model.state_dict(), model.config)
+        writer = save_dense_hf_checkpoint if dense else save_hf_checkpoint
+        with _written_atomically(out) as scratch:
+            writer(scratch, hf_state, hf_config, max_shard_size=max_shard_size,
+                   tokenizer_model_path=tokenizer if tokenizer_kind == "sentencepiece" else None)
+            if tokenizer_kind == "hf":
+                from transformers import AutoTokenizer
+
+                AutoTokenizer.from_pretrained(tokenizer).save_pretrained(scratch)
+    return out
+
+
+def _import_args(hf_config: Any, config_kwargs: dict, model_kwargs: dict, hf_dir: Path, tensor_parallel: int,
+                 pipeline_parallel: int, divisible_by: int, dtype: torch.dtype) -> argparse.Namespace:
+    """The arguments a pretrain_moh.py run of this model at the given layout would save."""
+    from megatron.training.arguments import validate_args
+
+    from megatron_moh.arguments import parse_megatron_args
+
+    has_tokenizer = any((hf_dir / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    tokenizer = (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf_dir.resolve())]
+                 if has_tokenizer else ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(hf_config.vocab_size)])
+    c = config_kwargs
+    argv = [
+        "--num-layers", c["num_layers"], "--hidden-size", c["hidden_size"], "--ffn-hidden-size", c["ffn_hidden_size"],
+        "--num-attention-heads", c["num_attention_heads"], "--group-query-attention",
+        "--num-query-groups", c["num_query_groups"], "--kv-channels", c["kv_channels"],
+        "--norm-epsilon", c["layernorm_epsilon"], "--max-position-embeddings", model_kwargs["max_sequence_length"],
+        "--seq-length", model_kwargs["max_sequence_length"], "--micro-batch-size", 1,
+        "--tensor-model-parallel-size", tensor_parallel, "--pipeline-model-parallel-size", pipeline_parallel,
+        "--make-vocab-size-divisible-by", divisible_by, "--ckpt-format", "torch_dist",
+        "--moh-num-shared-heads", c["moh_num_shared_heads"], "--moh-topk", c["moh_topk"],
+        "--moh-router", c["moh_router"], "--moh-gate", c["moh_gate"],
+        "--moh-two-stage" if c["moh_two_stage"] else "--no-moh-two-stage",
+        *({torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}.get(dtype, [])), *tokenizer,
+    ]
+    args = parse_megatron_args([str(arg) for arg in argv], validate=False)
+    args.rank, args.world_size = 0, tensor_parallel * pipeline_parallel
+    args.rotary_base = model_kwargs["rotary_base"]
+    args.untie_embeddings_and_output_weights = not model_kwargs["share_embeddings_and_output_weights"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        validate_args(args, {})
+    from megatron.training.vocab_utils import calculate_padded_vocab_size
+
+    args.padded_vocab_size = calculate_padded_vocab_size(hf_config.vocab_size, divisible_by, tensor_parallel,
+                                                         logging_enabled=False)
+    return args
+
+
+def _check_layout(config_kwargs: dict, tensor_parallel: int, pipeline_parallel: int) -> None:
+    from megatron_moh.config import MoHConfigError, check_moh_config
+
+    layout = argparse.Namespace(**{"moh_attention_impl": "dense", "moh_load_balance_coeff": 0.0, **config_kwargs,
+                                   "tensor_model_parallel_size": tensor_parallel})
+    try:
+        check_moh_config(layout)
+    except MoHConfigError as err:
+        raise CheckpointError(f"this model cannot run at TP={tensor_parallel}: {err}") from None
+    if tensor_parallel < 1 or pipeline_parallel < 1 or config_kwargs["num_layers"] % pipeline_parallel:
+        raise CheckpointError(f"PP={pipeline_parallel} does not divide the model's {config_kwargs['num_layers']} "
+                              f"layers: choose a pipeline size that does")
+
+
+def import_hf(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    layout: Any = None,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    make_vocab_size_divisible_by: int = 128,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a Hugging Face Llama (with ``layout``: 'dense', 'published' or a MoHLayout) or
+    MoH-Llama (``layout=None``) directory as a megatron torch_dist checkpoint for continue-tuning
+    with ``pretrain_moh.py --load OUT --finetune`` at TP=``tensor_parallel``, PP=``pipeline_parallel``.
+
+    The checkpoint is a megatron *release* checkpoint (tracker 'release': weights only, iteration 0,
+    no optimizer or RNG state), written from this one process: torch_dist stores every tensor
+    whole-addressable and megatron reshards on load, so it loads at any TP/PP. The chosen TP fixes
+    the padded vocabulary (the Llama vocabulary rounded up to a multiple of
+    ``make_vocab_size_divisible_by`` x TP, new rows zero; train with the same
+    ``--make-vocab-size-divisible-by``), and TP/PP are recorded as the run's layout. A learned
+    router starts at zero (see megatron_moh.conversion.hf_configs).
+    """
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.utils import _clean_metadata_for_serialization
+    from megatron.training.checkpointing import _build_sharded_state_dict_metadata, generate_state_dict
+
+    from megatron_moh.hf.configuration_moh import MoHLlamaConfig
+
+    hf_dir = Path(hf_dir)
+    out = _fresh_output_dir(out_dir, overwrite)
+    try:
+        hf_config = load_hf_config(hf_dir)
+        is_moh = hf_config.model_type == MoHLlamaConfig.model_type
+        if is_moh and layout is not None:
+            raise CheckpointError(f"{hf_dir} is a moh_llama checkpoint with its own MoH layout: drop --layout")
+        if not is_moh and layout is None:
+            raise CheckpointError(f"{hf_dir} is a plain Llama: choose its MoH layout with --layout dense (every "
+                                  f"head shared: the same function), published (50% shared, 25% routed-active, "
+                                  f"query-norm router) or custom (--moh-* flags)")
+        config_kwargs = megatron_config_kwargs(hf_config, layout)
+        _check_layout(config_kwargs, tensor_parallel, pipeline_parallel)
+        imported = import_hf_checkpoint(hf_dir, layout)
+    except ConversionError as err:
+        raise CheckpointError(str(err)) from None
+    state = dict(imported.state_dict)
+    dtype = dtype or state["embedding.word_embeddings.weight"].dtype
+    args = _import_args(hf_config, imported.config_kwargs, imported.model_kwargs, hf_dir, tensor_parallel,
+                        pipeline_parallel, make_vocab_size_divisible_by, dtype)
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if key in state:
+            rows = state[key]
+            state[key] = torch.cat([rows, rows.new_zeros(args.padded_vocab_size - rows.shape[0], rows.shape[1])])
+    state = {k: v.to(dtype) for k, v in state.items()}
+    with single_process_group():
+        model = build_model(args)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"the Hugging Face weights do not fit the model: missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}")
+        metadata = _build_sharded_state_dict_metadata(args, dp_cp_group=parallel_state.get_data_parallel_group())
+        common = generate_state_dict(args, [model], None, None, None, iteration=0,
+                                     model_sd_kwargs=dict(metadata=metadata))
+        with _written_atomically(out) as scratch:
+            (scratch / RELEASE).mkdir()
+            dist_checkpointing.save(common, str(scratch / RELEASE),
+                                    content_metadata=_clean_metadata_for_serialization(metadata))
+            (scratch / TRACKER).write_text(RELEASE)
+    return out
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def finetune_flags(args: argparse.Namespace) -> list[str]:
+    """The pretrain_moh.py flags that build the model ``args`` (a checkpoint's stored arguments)
+    describe, at its recorded TP/PP: what ``--load DIR --finetune`` needs besides data and
+    training settings. Tied embeddings have no flag of their own (the project's default is
+    untied), so for them the list includes --use-checkpoint-args, which restores the setting."""
+    flags = ["--num-layers", args.num_layers, "--hidden-size", args.hidden_size,
+             "--ffn-hidden-size", args.ffn_hidden_size, "--num-attention-heads", args.num_attention_heads]
+    if getattr(args, "group_query_attention", False):
+        flags += ["--group-query-attention", "--num-query-groups", args.num_query_groups]
+    flags += ["--kv-channels", effective_arg(args, "kv_channels"), "--max-position-embeddings",
+              args.max_position_embeddings, "--rotary-base", _number(args.rotary_base),
+              "--norm-epsilon", args.layernorm_epsilon, "--make-vocab-size-divisible-by", args.make_vocab_size_divisible_by,
+              "--tensor-model-parallel-size", args.tensor_model_parallel_size,
+              "--pipeline-model-parallel-size", args.pipeline_model_parallel_size]
+    if getattr(args, "moh_dense_baseline", False):
+        flags += ["--moh-dense-baseline"]
+    elif hasattr(args, "moh_router"):
+        flags += ["--moh-num-shared-heads", args.moh_num_shared_heads, "--moh-topk", args.moh_topk,
+                  "--moh-router", args.moh_router, "--moh-gate", args.moh_gate,
+                  "--moh-two-stage" if args.moh_two_stage else "--no-moh-two-stage"]
+    flags += ["--tokenizer-type", args.tokenizer_type]
+    if args.tokenizer_type == "NullTokenizer":
+        flags += ["--vocab-size", args.vocab_size]
+    elif getattr(args, "tokenizer_model", None):
+        flags += ["--tokenizer-model", args.tokenizer_model]
+    if getattr(args, "bf16", False):
+        flags += ["--bf16"]
+    elif getattr(args, "fp16", False):
+        flags += ["--fp16"]
+    if not args.untie_embeddings_and_output_weights:
+        flags += ["--use-checkpoint-args"]
+    return [str(flag) for flag in flags]

@@ -1,0 +1,217 @@
+"""Megatron MoH configs <-> Hugging Face Llama / MoH-Llama configs, and the MoH layouts an
+imported Llama can take.
+
+Initialisation documented here and relied on by callers:
+
+* query-norm router: nothing to initialise. ``MoHLayout.published(heads)`` is the layout of the
+  published MoH-LLaMA3 checkpoints (plain Llama weights, query-norm router, binary gates, first
+  50% of heads shared, 25% of heads routed-active); ``MoHLayout.dense(heads)`` keeps every head.
+* learned router: the router weight starts at ZERO. Every softmax is then uniform, so shared
+  gates are ``h_s * (1 / h_s)``, two-stage weights ``2 * (1 / 2) = 1`` and weighted routed gates
+  ``k * (1/E) / (k/E)``: 1 up to float rounding (exactly 1 when the head counts are powers of
+  two; off by an ulp otherwise), and the top-k among equal probabilities is whatever
+  ``torch.topk`` returns for ties. Only an all-shared layout with binary gates is exactly the
+  dense model; any routed layout changes the function until the router is trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn.functional as F
+
+from megatron_moh.conversion import ConversionError
+from megatron_moh.conversion.weights import shape_of
+from megatron_moh.hf.configuration_moh import MoHLlamaConfig
+
+@dataclass(frozen=True)
+class MoHLayout:
+    """Which heads are shared, how many routed heads a token keeps, and the router and gates."""
+
+    num_shared_heads: int
+    topk: int
+    router: str = "query_norm"
+    gate: str = "binary"
+    two_stage: bool = False
+
+    @classmethod
+    def dense(cls, heads: int) -> MoHLayout:
+        """Every head shared, gates exactly 1: the imported model computes what the Llama did."""
+        return cls(num_shared_heads=heads, topk=0)
+
+    @classmethod
+    def published(cls, heads: int) -> MoHLayout:
+        """The published MoH-LLaMA3 layout: first 50% of heads shared, 25% of heads routed-active,
+        query-norm router, binary gates."""
+        return cls(num_shared_heads=int(heads * 0.5), topk=int(heads * 0.25))
+
+    def as_hf_fields(self) -> dict[str, Any]:
+        """The ``moh_*`` fields of a MoHLlamaConfig."""
+        return dict(moh_num_shared_heads=self.num_shared_heads, moh_topk=self.topk,
+                    moh_router=self.router, moh_gate=self.gate, moh_two_stage=self.two_stage)
+
+
+LAYOUT_PRESETS = ("dense", "published")
+
+
+def _resolve_layout(layout: MoHLayout | str, heads: int) -> MoHLayout:
+    if isinstance(layout, MoHLayout):
+        return layout
+    if layout == "dense":
+        return MoHLayout.dense(heads)
+    if layout == "published":
+        return MoHLayout.published(heads)
+    raise ConversionError(f"layout={layout!r} is unknown: use a MoHLayout or one of {', '.join(LAYOUT_PRESETS)}")
+
+
+def _check_llama_like(config: Any) -> None:
+    """Refuse megatron settings that a Llama (RMSNorm, SwiGLU, RoPE, no biases) cannot express."""
+    problems = {
+        "normalization must be 'RMSNorm'": config.normalization != "RMSNorm",
+        "gated_linear_unit must be True (SwiGLU)": not config.gated_linear_unit,
+        "activation_func must be F.silu": config.activation_func is not F.silu,
+        "add_bias_linear must be False": config.add_bias_linear,
+        "add_qkv_bias must be False": getattr(config, "add_qkv_bias", False),
+        "qk_layernorm must be False": getattr(config, "qk_layernorm", False),
+        "layernorm_zero_centered_gamma must be False": getattr(config, "layernorm_zero_centered_gamma", False),
+        "rotary_interleaved must be False": getattr(config, "rotary_interleaved", False),
+    }
+    for what, bad in problems.items():
+        if bad:
+            raise ConversionError(f"this megatron config is not Llama-shaped: {what} for a Hugging Face export")
+
+
+def moh_hf_config(
+    megatron_config: Any,
+    vocab_size: int,
+    max_position_embeddings: int,
+    rotary_base: float = 10000,
+    tie_embeddings: bool = False,
+    **extra: Any,
+) -> MoHLlamaConfig:
+    """MoHLlamaConfig equivalent to a megatron MoHTransformerConfig (plus the GPTModel build
+    arguments that the TransformerConfig does not hold). ``extra`` goes to the config as is
+    (e.g. ``bos_token_id``, ``eos_token_id``, ``pad_token_id``)."""
+    _check_llama_like(megatron_config)
+    s = shape_of(megatron_config)
+    dtype = megatron_config.params_dtype
+    return MoHLlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=s.hidden,
+        intermediate_size=s.ffn,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.groups,
+        head_dim=s.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=megatron_config.layernorm_epsilon,
+        rope_parameters={"rope_type": "default", "rope_theta": float(rotary_base)},
+        tie_word_embeddings=tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        moh_num_shared_heads=megatron_config.moh_num_shared_heads,
+        moh_topk=megatron_config.moh_topk,
+        moh_router=megatron_config.moh_router,
+        moh_gate=megatron_config.moh_gate,
+        moh_two_stage=bool(megatron_config.moh_two_stage),
+        moh_attention_impl=megatron_config.moh_attention_impl,
+        dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+        **extra,
+    )
+
+
+def _rope_theta(hf_config: Any) -> float:
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ConversionError(f"rope_type={rope.get('rope_type')!r} is not supported by the megatron "
+                              f"builder: only default RoPE (no scaling) converts")
+    return float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+
+
+def moh_config_from_llama(llama_config: Any, layout: MoHLayout | str) -> MoHLlamaConfig:
+    """A MoHLlamaConfig for a plain Llama config plus a layout: how a published MoH-LLaMA3
+    checkpoint (plain Llama weights and config) becomes a ``moh_llama`` one."""
+    fields = llama_config.to_dict()
+    for key in ("model_type", "auto_map", "architectures", "transformers_version"):
+        fields.pop(key, None)
+    return MoHLlamaConfig(**fields, **_resolve_layout(layout, llama_config.num_attention_heads).as_hf_fields())
+
+
+def megatron_config_kwargs(hf_config: Any, layout: MoHLayout | str | None = None) -> dict[str, Any]:
+    """Keyword arguments for `megatron_moh.model.llama_moh_config` from a Llama or MoH-Llama config.
+
+    A plain Llama config has no MoH fields: pass ``layout`` ('dense', 'published' or a MoHLayout).
+    For a MoH-Llama config ``layout`` must be None (its own layout is used).
+    """
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise ConversionError(f"hidden_act={hf_config.hidden_act!r} is not supported: only SwiGLU (silu) converts")
+    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+        raise ConversionError("attention_bias / mlp_bias are not supported: only bias-free Llamas convert")
+    _rope_theta(hf_config)
+    s = shape_of(hf_config)
+    if getattr(hf_config, "model_type", None) == MoHLlamaConfig.model_type:
+        if layout is not None:
+            raise ConversionError("this config already has a MoH layout: pass layout=None")
+        moh = dict(moh_num_shared_heads=hf_config.moh_num_shared_heads, moh_topk=hf_config.moh_topk,
+                   moh_router=hf_config.moh_router, moh_gate=hf_config.moh_gate,
+                   moh_two_stage=bool(hf_config.moh_two_stage),
+                   moh_attention_impl=getattr(hf_config, "moh_attention_impl", "dense"))
+    else:
+        if layout is None:
+            raise ConversionError("a plain Llama config has no MoH layout: pass layout='dense', "
+                                  "'published' or a MoHLayout")
+        chosen = _resolve_layout(layout, s.heads)
+        moh = dict(moh_num_shared_heads=chosen.num_shared_heads, moh_topk=chosen.topk,
+                   moh_router=chosen.router, moh_gate=chosen.gate, moh_two_stage=chosen.two_stage)
+    return dict(
+        num_layers=s.layers,
+        hidden_size=s.hidden,
+        num_attention_heads=s.heads,
+        num_query_groups=s.groups,
+        kv_channels=s.head_dim,
+        ffn_hidden_size=s.ffn,
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        **moh,
+    )
+
+
+def megatron_model_kwargs(hf_config: Any) -> dict[str, Any]:
+    """Keyword arguments for `megatron_moh.model.build_gpt_model` besides the config."""
+    return dict(
+        vocab_size=hf_config.vocab_size,
+        max_sequence_length=hf_config.max_position_embeddings,
+        rotary_base=_rope_theta(hf_config),
+        share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+    )
+
+
+def is_dense(hf_config: Any) -> bool:
+    """True when every gate is exactly 1: all heads shared and no learned weighting of them."""
+    if getattr(hf_config, "model_type", None) != MoHLlamaConfig.model_type:
+        return True
+    return (
+        hf_config.moh_topk == 0
+        and hf_config.moh_num_shared_heads == hf_config.num_attention_heads
+        and (hf_config.moh_gate == "binary" or hf_config.moh_router == "query_norm")
+    )
+
+
+def dense_llama_config(hf_config: MoHLlamaConfig) -> Any:
+    """The plain LlamaConfig of a dense MoH-Llama config; ValueError if some gate is not exactly 1."""
+    from transformers import LlamaConfig
+
+    if not is_dense(hf_config):
+        raise ConversionError(
+            f"only a dense model exports as plain Llama (moh_topk=0, moh_num_shared_heads="
+            f"num_attention_heads, binary gates or the query_norm router), but this one has "
+            f"{hf_config.moh_num_shared_heads} shared heads of {hf_config.num_attention_heads}, "
+            f"moh_topk={hf_config.moh_topk}, {hf_config.moh_router} router, {hf_config.moh_gate} gates: "
+            f"export it without --dense"
+        )
+    fields = hf_config.to_dict()
+    for key in list(fields):
+        if key.startswith("moh_") or key in ("model_type", "auto_map", "architectures", "transformers_version"):
+            fields.pop(key)
+    return LlamaConfig(**fields)

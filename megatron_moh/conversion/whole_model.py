@@ -1,0 +1,96 @@
+"""A checkpoint saved at any TP/PP/VPP as one whole model in one process (megatron's
+distributed checkpointing reshards on load), for the conversion and analysis tools."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import torch
+
+from megatron_moh.checkpoint import CheckpointError, find_checkpoint, first_line, read_common_state
+
+@contextlib.contextmanager
+def single_process_group() -> Iterator[None]:
+    """A one-rank gloo group with TP=1/PP=1 model parallelism for the conversion tools; reuses
+    one that already exists (e.g. a test session's), refusing any other layout."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_moh import platform
+
+    created = not torch.distributed.is_initialized()
+    if created:
+        platform.setup()
+        store = tempfile.mkdtemp(prefix="moh-convert-pg-")
+        platform.init_process_group(0, 1, init_method=f"file://{store}/rendezvous")
+    elif torch.distributed.get_world_size() != 1:
+        raise CheckpointError("checkpoint conversion runs in one process, but this one is part of a "
+                              f"{torch.distributed.get_world_size()}-rank group")
+    initialised = parallel_state.model_parallel_is_initialized()
+    if not initialised:
+        parallel_state.initialize_model_parallel(1, 1)
+        model_parallel_cuda_manual_seed(1234)
+    try:
+        yield
+    finally:
+        if not initialised:
+            parallel_state.destroy_model_parallel()
+        if created:
+            torch.distributed.destroy_process_group()
+            shutil.rmtree(store, ignore_errors=True)
+
+
+def one_process_args(saved: argparse.Namespace) -> argparse.Namespace:
+    """A copy of a run's arguments for the same model as one TP=1/PP=1 chunk on this machine."""
+    from megatron_moh import platform
+
+    args = argparse.Namespace(**vars(saved))
+    args.tensor_model_parallel_size = 1
+    args.pipeline_model_parallel_size = 1
+    args.virtual_pipeline_model_parallel_size = None
+    args.num_layers_per_virtual_pipeline_stage = None
+    args.context_parallel_size = 1
+    args.sequence_parallel = False
+    args.use_cpu_initialization = True
+    args.perform_initialization = False  # the checkpoint overwrites every weight
+    args.fp8 = None
+    args.recompute_granularity = None
+    args.recompute_method = None
+    args.recompute_num_layers = None
+    args.transformer_impl = "local" if platform.cpu_requested() else args.transformer_impl
+    return args
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The whole GPT (one TP=1/PP=1 chunk) that ``args`` describe, weights uninitialised."""
+    from megatron_moh.model import model_from_args
+
+    return model_from_args(one_process_args(args))
+
+
+def load_model(load_dir: str | os.PathLike) -> tuple[torch.nn.Module, argparse.Namespace]:
+    """The model of ``load_dir``'s current checkpoint, saved at any TP/PP/VPP, as one TP=1/PP=1
+    GPTModel in this process (megatron's distributed checkpointing reshards), and the saving run's
+    arguments. Needs `single_process_group` (or an equivalent one-rank group)."""
+    from megatron.core import dist_checkpointing
+
+    _, path = find_checkpoint(load_dir)
+    state = read_common_state(path)
+    saved = state.get("args")
+    if saved is None:
+        raise CheckpointError(f"{path} stores no run arguments: it was not saved by megatron.training")
+    model = build_model(saved)
+    metadata = dict(state.get("content_metadata") or {})
+    sharded = model.sharded_state_dict(metadata=metadata)
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path))
+    except Exception as err:  # noqa: BLE001 - megatron's messages are long; keep the first line
+        raise CheckpointError(f"{path} does not load into the model its own arguments describe: "
+                              f"{first_line(err)}") from err
+    model.load_state_dict({key: loaded[key] for key in sharded}, strict=True)  # drop the common state
+    return model.eval(), saved

@@ -1,0 +1,169 @@
+"""megatron's distributed checkpoints, loaded safely and resumed exactly on this stack.
+
+* **Safe loading**: PyTorch's distributed-checkpoint reader unpickles each checkpoint's
+  ``.metadata`` with plain ``pickle.load`` and every non-tensor item (common state, RNG states,
+  optimizer groups) with ``torch.load(weights_only=False)``; both would run code stored in the
+  file. Here ``.metadata`` goes through an unpickler that only builds the checkpoint-metadata
+  classes of ``torch.distributed.checkpoint`` (plus torch sizes and dtypes), and non-tensor items
+  load with ``weights_only=True`` (megatron-core registers the few classes it stores). Tensor data
+  is raw storage and never unpickled.
+* **Distributed optimizer with torch AdamW** (megatron's fallback without apex/TE): a fresh
+  optimizer has no state to load into, the loaded per-parameter ``step`` was dropped or shared by
+  every parameter, and the model-space formats did not carry ``step`` at all. The state is
+  pre-filled before megatron builds the loading state dict, loaded under no_grad, and every
+  parameter gets its own ``step`` from its param group. Both ``dp_reshardable`` (megatron's
+  default) and ``fully_reshardable`` (``--dist-ckpt-optim-fully-reshardable``, needed to change
+  TP/PP) then resume exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import pickle
+from typing import Any
+
+import torch
+
+from megatron_moh.patches import replace, wrap
+
+_METADATA_MODULES = frozenset({
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint.filesystem",
+})
+_TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
+_SAFE_BUILTINS = frozenset({("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+                            ("collections", "OrderedDict"), ("torch.serialization", "_get_layout")})
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Builds a distributed checkpoint's ``.metadata`` (dataclasses and enums of
+    ``torch.distributed.checkpoint``, torch sizes and dtypes) and nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_BUILTINS:
+            return super().find_class(module, name)
+        if module in _METADATA_MODULES:
+            found = super().find_class(module, name)
+            if isinstance(found, type):
+                return found
+        elif module == "torch":
+            found = getattr(torch, name, None)
+            if found is torch.Size or isinstance(found, _TORCH_VALUE_TYPES):
+                return found
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata refers to {module}.{name}, which a checkpoint never needs: "
+            f"refusing to load it (the file may have been tampered with)"
+        )
+
+
+def _read_metadata_safely(self, *args: Any, **kwargs: Any):
+    """FileSystemReader.read_metadata with `MetadataUnpickler` instead of ``pickle.load``."""
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as stream:
+        metadata = MetadataUnpickler(stream).load()
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    metadata.storage_meta.load_id = self.load_id
+    return metadata
+
+
+def _load_bytes_weights_only(self, read_item, value: io.BytesIO) -> None:
+    """DefaultLoadPlanner.load_bytes with ``weights_only=True``."""
+    from torch.distributed.checkpoint._traverse import set_element
+
+    loaded = torch.load(value, weights_only=True)
+    if self.flatten_state_dict:
+        set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+    else:
+        self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def _install_safe_loading() -> None:
+    from torch.distributed.checkpoint import default_planner, filesystem
+
+    import megatron.core  # noqa: F401  (registers megatron's safe globals with torch.serialization)
+
+    replace(filesystem.FileSystemReader, "read_metadata", _read_metadata_safely,
+            why="never unpickle arbitrary classes from a checkpoint's .metadata", params=("self",))
+    replace(default_planner.DefaultLoadPlanner, "load_bytes", _load_bytes_weights_only,
+            why="non-tensor checkpoint items load with weights_only=True", params=("self", "read_item", "value"))
+
+
+def _torch_adam_fallback(optimizer: Any) -> bool:
+    """Whether a distributed optimizer wraps plain torch Adam(W), megatron's fallback without apex/TE."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    return not distrib_optimizer.HAVE_APEX_OR_TE and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+@torch.no_grad()
+def _prefill_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter the state tensors torch Adam(W) keeps, so a loading state dict can
+    be built (megatron's distributed optimizer reads them); the checkpoint overwrites them."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state[param]
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(param)
+
+
+def _prefilled(sharded_state_dict: Any) -> Any:
+    @functools.wraps(sharded_state_dict)
+    def sharded_state_dict_prefilled(self, model_sharded_state_dict={}, is_loading=False,  # noqa: B006
+                                     sharding_type=None, metadata=None):
+        if is_loading and _torch_adam_fallback(self.optimizer) and not self.optimizer.state:
+            _prefill_adam_state(self.optimizer)
+        return sharded_state_dict(self, model_sharded_state_dict, is_loading, sharding_type, metadata)
+
+    return sharded_state_dict_prefilled
+
+
+def _own_steps(load_state_dict: Any) -> Any:
+    @functools.wraps(load_state_dict)
+    def load_state_dict_with_own_steps(self, state_dict):
+        with torch.no_grad():  # main params are views of leaf tensors
+            load_state_dict(self, state_dict)
+        if _torch_adam_fallback(self.optimizer):
+            # megatron gives every parameter the SAME step tensor (from the param groups); torch
+            # Adam increments each parameter's step in place, so it would advance N times a step.
+            for state in self.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+
+    return load_state_dict_with_own_steps
+
+
+def _except_step(set_states: Any) -> Any:
+    @functools.wraps(set_states)
+    def set_states_except_step(self, model_param, tensors):
+        if _torch_adam_fallback(self.optimizer):
+            # The step comes from the param groups (load_state_dict); the per-parameter state in
+            # the checkpoint has none (model-space formats) or the pre-fill's placeholder.
+            tensors = dict(tensors, step=None)
+        return set_states(self, model_param, tensors)
+
+    return set_states_except_step
+
+
+def _install_distributed_optimizer_fixes() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    why = "exact resume of the distributed optimizer with torch Adam(W)"
+    wrap(DistributedOptimizer, "sharded_state_dict", _prefilled, why=why,
+         params=("self", "model_sharded_state_dict", "is_loading", "sharding_type", "metadata"))
+    wrap(DistributedOptimizer, "load_state_dict", _own_steps, why=why, params=("self", "state_dict"))
+    wrap(DistributedOptimizer, "_set_main_param_and_optimizer_states", _except_step, why=why,
+         params=("self", "model_param", "tensors"))
+
+
+def install() -> None:
+    """Safe loading and exact distributed-optimizer resume (idempotent; call before the first
+    checkpoint is read)."""
+    _install_safe_loading()
+    _install_distributed_optimizer_fixes()
