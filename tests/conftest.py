@@ -25,3 +25,11 @@ def one_rank_process_group():
         parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
     yield
+
+
+def pytest_collection_modifyitems(items):
+    """Mark each test by its folder (unit, dist, integration), so `-m unit` runs the fast part."""
+    for item in items:
+        kind = item.path.parent.name
+        if kind in ("unit", "dist", "integration"):
+            item.add_marker(getattr(pytest.mark, kind))

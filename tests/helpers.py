@@ -27,3 +27,9 @@ def build_attention(config, moh: bool = True, layer_number: int = 1):
 def rotary(config, seq_len: int) -> torch.Tensor:
     """Megatron's rotary embedding table for ``seq_len`` positions."""
     return RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=10000)(seq_len)
+
+
+def assert_one_line_refusal(message: str | None, prog: str) -> str:
+    """``message`` is a program's exit message: one line, starting ``PROG: error:``."""
+    assert message is not None and message.startswith(f"{prog}: error:") and "\n" not in message, message
+    return message

@@ -8,15 +8,14 @@ import contextlib
 import io
 import os
 import signal
-import sys
 from typing import Any
 
 
-def _record_losses(pretrain_moh, losses: list[tuple[int, float]]) -> None:
+def _record_losses(train, losses: list[tuple[int, float]]) -> None:
     """Wrap the forward step pretrain_moh hands to megatron so each training micro-batch's loss is kept."""
     from megatron.training import get_args
 
-    forward_step = pretrain_moh.forward_step
+    forward_step = train.forward_step
 
     def recording_forward_step(data_iterator, model, *args, **kwargs):
         output, loss_fn = forward_step(data_iterator, model, *args, **kwargs)
@@ -29,7 +28,7 @@ def _record_losses(pretrain_moh, losses: list[tuple[int, float]]) -> None:
 
         return output, recording_loss_fn
 
-    pretrain_moh.forward_step = recording_forward_step
+    train.forward_step = recording_forward_step
 
 
 def run_worker(rank: int, world: int, argv: list[str], signal_at: int | None = None,
@@ -40,12 +39,13 @@ def run_worker(rank: int, world: int, argv: list[str], signal_at: int | None = N
     scheduler's preemption); ``overtime_at``: from that iteration on, training seems to have started
     an hour ago (for --exit-duration-in-mins)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    sys.argv = ["pretrain_moh.py", *argv]
     import pretrain_moh
 
+    from megatron_moh import train
+
     losses: list[tuple[int, float]] = []
-    _record_losses(pretrain_moh, losses)
-    recorded = pretrain_moh.forward_step
+    _record_losses(train, losses)
+    recorded = train.forward_step
 
     def forward_step_with_events(data_iterator, model, *args, **kwargs):
         from megatron.training import get_args
@@ -58,11 +58,11 @@ def run_worker(rank: int, world: int, argv: list[str], signal_at: int | None = N
             training._TRAIN_START_TIME -= 3600
         return recorded(data_iterator, model, *args, **kwargs)
 
-    pretrain_moh.forward_step = forward_step_with_events
+    train.forward_step = forward_step_with_events  # pretrain_moh.main() hands megatron this name
     out, code = io.StringIO(), None
     with contextlib.redirect_stdout(out):
         try:
-            pretrain_moh.main()
+            pretrain_moh.main(argv)
         except SystemExit as exit_:
             code = exit_.code
     return dict(out=out.getvalue(), code=code, losses=losses)

@@ -6,7 +6,6 @@ import contextlib
 import io
 import os
 import re
-import sys
 
 # Small enough for 4 CPU ranks in seconds; mock data and NullTokenizer keep it deterministic.
 SMALL_MODEL = [
@@ -26,12 +25,11 @@ LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?lm loss: ([0-9.E+-]+)")
 def pretrain_worker(rank: int, world: int, argv: list[str]) -> str:
     """Launcher target: one rank of `pretrain_moh.py argv`; returns what it printed."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    sys.argv = ["pretrain_moh.py", *argv]
     import pretrain_moh
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        pretrain_moh.main()
+        pretrain_moh.main(argv)
     return out.getvalue()
 
 
@@ -47,12 +45,11 @@ def losses(outputs: list[str]) -> dict[int, float]:
 def exit_message_worker(rank: int, world: int, argv: list[str]) -> str:
     """Launcher target: run `pretrain_moh.py argv` expecting it to refuse; return its message."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    sys.argv = ["pretrain_moh.py", *argv]
     import pretrain_moh
 
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            pretrain_moh.main()
+            pretrain_moh.main(argv)
     except SystemExit as exit_:
         return str(exit_.code)
     return "pretrain_moh.py did not refuse"

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from megatron_moh import checkpoint
+from tests.helpers import assert_one_line_refusal
 from tests.integration.checkpoint_runner import kill_during_save, run_worker
 from tests.integration.pretrain_runner import SMALL_MODEL, exit_message_worker
 from tests.launcher import launch
@@ -198,8 +199,7 @@ def test_resharded_optimizer_state_continues_training(layout, optimizer, tp2pp2)
 def _refusal(*argv, world=1):
     message, *others = launch(exit_message_worker, world, [*MODEL, "--train-iters", str(ITERS), *argv], timeout=300)
     assert all(other == message for other in others)  # every rank refuses alike
-    assert message.startswith("pretrain_moh.py: error:") and "\n" not in message, message
-    return message
+    return assert_one_line_refusal(message, "pretrain_moh.py")
 
 
 def test_missing_checkpoint_is_refused(tmp_path):
@@ -210,8 +210,12 @@ def test_missing_checkpoint_is_refused(tmp_path):
 
 
 def test_empty_load_dir_is_fine_when_it_is_also_the_save_dir(tmp_path):
-    """The first launch of an auto-resuming job (--load and --save the same) starts from scratch."""
-    checkpoint.check_load(argparse.Namespace(load=str(tmp_path), save=str(tmp_path)))
+    """The first launch of an auto-resuming job (--load and --save the same) starts from scratch;
+    the same empty directory as --load alone would silently start from random weights: refused."""
+    assert checkpoint.check_load(argparse.Namespace(load=str(tmp_path), save=str(tmp_path / "."))) is None
+    with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint"):
+        checkpoint.check_load(argparse.Namespace(load=str(tmp_path), save=str(tmp_path / "other")))
+    assert list(tmp_path.iterdir()) == []  # the check wrote nothing
 
 
 @pytest.mark.parametrize("flags,expected", [

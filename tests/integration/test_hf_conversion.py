@@ -11,8 +11,6 @@ would load an export."""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,11 +20,12 @@ import torch
 from megatron_moh import checkpoint
 from megatron_moh.conversion.hf_checkpoint import finetune_flags
 from megatron_moh.conversion.whole_model import load_model, single_process_group
+from megatron_moh.commands import convert_checkpoint
+from tests.helpers import assert_one_line_refusal
+from tests.hf_support import megatron_logits, run_offline
 from tests.integration.checkpoint_runner import run_worker
 from tests.launcher import launch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import convert_checkpoint  # noqa: E402
 
 VOCAB, SEQ = 512, 64
 TOL = dict(rtol=0, atol=1e-5)
@@ -103,12 +102,6 @@ def tool(*argv):
     return None
 
 
-def _megatron_logits(model, ids):
-    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-    with torch.no_grad():
-        return model(ids, positions, attention_mask=None)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The built-in corpus with a small (512-piece) sentencepiece tokenizer."""
@@ -144,7 +137,7 @@ def exported(tmp_path_factory, trained):
         models[name] = str(root / name)
         with single_process_group():
             model, _ = load_model(ckpt)
-            expected[name] = _megatron_logits(model, ids)
+            expected[name] = megatron_logits(model, ids)
     task_dir = root / "tasks"
     task_dir.mkdir()
     (task_dir / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in MC_DOCS))
@@ -166,14 +159,8 @@ def exported(tmp_path_factory, trained):
         """))
     job = dict(ids=str(root / "ids.pt"), models=models, texts=TEXTS, out=str(root / "results.pt"),
                lm_eval_model=models["learned"], task=TASK if HAVE_LM_EVAL else None, task_dir=str(task_dir))
-    (root / "job.json").write_text(json.dumps(job))
-    (root / "loader.py").write_text(LOADER)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "PYTHONPATH"))}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(root / "hf-home"))
-    proc = subprocess.run([sys.executable, str(root / "loader.py"), str(root / "job.json")], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return dict(root=root, ids=ids, expected=expected, results=torch.load(root / "results.pt"), models=models)
+    results = run_offline(LOADER, job, root, timeout=900)
+    return dict(root=root, ids=ids, expected=expected, results=results, models=models)
 
 
 @pytest.mark.parametrize("router", list(ROUTERS))
@@ -228,7 +215,7 @@ def test_lm_eval_scores_the_export_as_megatron_does(exported, trained):
                 context_ids = tokenizer.encode(context, add_special_tokens=True)
                 whole = tokenizer.encode(context + continuation, add_special_tokens=True)
                 tokens = torch.tensor([whole])
-                logprobs = torch.log_softmax(_megatron_logits(model, tokens[:, :-1]).double(), dim=-1)[0]
+                logprobs = torch.log_softmax(megatron_logits(model, tokens[:, :-1]).double(), dim=-1)[0]
                 targets = whole[len(context_ids):]
                 positions = range(len(context_ids) - 1, len(whole) - 1)
                 ours.append(sum(logprobs[p, t].item() for p, t in zip(positions, targets)))
@@ -289,7 +276,7 @@ def test_llama_imported_with_every_head_shared_keeps_its_logits(imported_dense, 
     with single_process_group():
         model, args = load_model(imported_dense)
     assert (args.moh_num_shared_heads, args.moh_topk, args.tensor_model_parallel_size) == (8, 0, 2)
-    torch.testing.assert_close(_megatron_logits(model, ids), reference, **TOL)
+    torch.testing.assert_close(megatron_logits(model, ids), reference, **TOL)
 
 
 def test_imported_llama_continues_training_with_finetune(imported_dense, tmp_path):
@@ -331,7 +318,7 @@ def test_published_layout_import_matches_transformers(llama, tmp_path):
     hf.load_state_dict(load_hf_state_dict(directory), strict=True)
     with torch.no_grad():
         expected = hf(ids).logits
-    logits = _megatron_logits(model, ids)
+    logits = megatron_logits(model, ids)
     torch.testing.assert_close(logits, expected, **TOL)
     assert (logits - dense_logits).abs().max() > 1e-3  # routing dropped heads
 
@@ -341,8 +328,7 @@ def test_published_layout_import_matches_transformers(llama, tmp_path):
 
 
 def _one_line(message):
-    assert message is not None and message.startswith("convert_checkpoint.py: error:") and "\n" not in message, message
-    return message
+    return assert_one_line_refusal(message, convert_checkpoint.PROG)
 
 
 def test_existing_output_is_never_overwritten_without_overwrite(trained, tmp_path):

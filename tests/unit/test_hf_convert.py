@@ -12,14 +12,9 @@ from megatron_moh.conversion.weights import hf_to_megatron, megatron_to_hf
 from megatron_moh.model import build_gpt_model, llama_moh_config
 from megatron_moh.hf import MoHLlamaConfig
 from tests.helpers import tiny_config
+from tests.hf_support import VARIANTS
 
 VOCAB, MAX_SEQ = 128, 64
-VARIANTS = {
-    "learned-weighted-2stage": dict(moh_router="learned", moh_gate="weighted", moh_two_stage=True),
-    "learned-binary": dict(moh_router="learned", moh_gate="binary"),
-    "query_norm-binary": dict(moh_router="query_norm", moh_gate="binary"),
-    "query_norm-weighted": dict(moh_router="query_norm", moh_gate="weighted"),
-}
 
 
 def _megatron_state(cfg, tied=False):
@@ -106,13 +101,26 @@ def test_config_maps_round_trip(variant):
         share_embeddings_and_output_weights=True)
 
 
-def test_hf_config_defaults_match_megatron_defaults():
+def _layout_or_refusal(make):
+    try:
+        cfg = make()
+    except ValueError:
+        return "refused"
+    return cfg.moh_num_shared_heads, cfg.moh_topk, cfg.moh_gate, cfg.moh_two_stage
+
+
+@pytest.mark.parametrize("heads", [2, 3, 4, 6, 8, 12, 14, 16, 32])
+def test_hf_config_defaults_match_megatron_defaults(heads):
+    """Both sides fill the same MoH layout from the head count alone (or both refuse it)."""
+    layouts = set()
     for router in ("learned", "query_norm"):
-        hf_cfg = MoHLlamaConfig(hidden_size=64, num_attention_heads=8, num_hidden_layers=2,
-                                intermediate_size=128, moh_router=router)
-        cfg = tiny_config(moh_router=router)
-        assert (hf_cfg.moh_num_shared_heads, hf_cfg.moh_topk, hf_cfg.moh_gate, hf_cfg.moh_two_stage) == (
-            cfg.moh_num_shared_heads, cfg.moh_topk, cfg.moh_gate, cfg.moh_two_stage)
+        hf = _layout_or_refusal(lambda: MoHLlamaConfig(hidden_size=8 * heads, num_attention_heads=heads,
+                                                       num_hidden_layers=2, intermediate_size=128, moh_router=router))
+        megatron = _layout_or_refusal(lambda: tiny_config(moh_router=router, hidden_size=8 * heads,
+                                                          num_attention_heads=heads, num_query_groups=heads))
+        assert hf == megatron, (router, hf, megatron)
+        layouts.add(hf)
+    assert any(layout != "refused" for layout in layouts)
 
 
 @pytest.mark.parametrize("fields,message", [

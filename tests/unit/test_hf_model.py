@@ -7,9 +7,6 @@ private HF_HOME), the way a user would load them, so the copied modeling files a
 import io
 import inspect
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -21,18 +18,13 @@ from megatron_moh.conversion.weights import megatron_to_hf
 from megatron_moh.model import build_gpt_model, llama_moh_config
 from megatron_moh.hf import MoHLlamaConfig, MoHLlamaForCausalLM
 from tests.helpers import tiny_config
+from tests.hf_support import VARIANTS, megatron_logits, run_offline
 
 VOCAB, MAX_SEQ, SEQ, BATCH = 128, 64, 12, 2
 TOL = dict(rtol=0, atol=1e-5)
 # A larger init than the default 0.02 so that routing and attention patterns are far from uniform
 # and a wrong gate shows up well above the tolerance.
 STD = 0.1
-VARIANTS = {
-    "learned-weighted-2stage": dict(moh_router="learned", moh_gate="weighted", moh_two_stage=True),
-    "learned-binary": dict(moh_router="learned", moh_gate="binary"),
-    "query_norm-binary": dict(moh_router="query_norm", moh_gate="binary"),
-    "query_norm-weighted": dict(moh_router="query_norm", moh_gate="weighted"),
-}
 TOKENIZER_SAMPLES = ["Hello  world,\n\tthree   spaces 12345", "  def f(x):\n    return x  # ünïcödé"]
 
 LOADER = textwrap.dedent('''
@@ -60,12 +52,6 @@ LOADER = textwrap.dedent('''
     results["imported"] = sorted(m for m in sys.modules if m.split(".")[0] in ("megatron", "megatron_moh"))
     torch.save(results, job["out"])
 ''')
-
-
-def _megatron_logits(model, ids):
-    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-    with torch.no_grad():
-        return model(ids, positions, attention_mask=None)
 
 
 def _train_sentencepiece(path):
@@ -119,7 +105,7 @@ def exported(tmp_path_factory):
         cfg = tiny_config(**fields, init_method_std=STD)
         torch.manual_seed(i)
         model = build_gpt_model(cfg, vocab_size=VOCAB, max_sequence_length=MAX_SEQ).eval()
-        expected[name] = _megatron_logits(model, ids)
+        expected[name] = megatron_logits(model, ids)
         tokenizer = root / "tokenizer.model" if i == 0 else None
         out = save_hf_checkpoint(root / name, megatron_to_hf(model.state_dict(), cfg),
                                     moh_hf_config(cfg, VOCAB, MAX_SEQ), tokenizer_model_path=tokenizer)
@@ -129,21 +115,14 @@ def exported(tmp_path_factory):
     llama = _random_llama()
     llama.save_pretrained(root / "llama-in")
     cfg, model = _import_into_megatron(root / "llama-in", "dense")
-    expected["dense"] = _megatron_logits(model, ids)
+    expected["dense"] = megatron_logits(model, ids)
     hf_cfg = moh_hf_config(cfg, VOCAB, MAX_SEQ)
     out = save_dense_hf_checkpoint(root / "dense", megatron_to_hf(model.state_dict(), cfg), hf_cfg)
     models["dense"] = dict(dir=str(out), remote=False)
 
     job = dict(ids=str(root / "ids.pt"), models=models, out=str(root / "results.pt"), texts=TOKENIZER_SAMPLES)
-    (root / "job.json").write_text(json.dumps(job))
-    (root / "loader.py").write_text(LOADER)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "PYTHONPATH"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(root / "hf-home"), TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(root / "loader.py"), str(root / "job.json")], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(root=root, ids=ids, expected=expected, results=torch.load(root / "results.pt"),
-                processor=processor, models=models)
+    results = run_offline(LOADER, job, root)
+    return dict(root=root, ids=ids, expected=expected, results=results, processor=processor, models=models)
 
 
 def test_loader_process_never_imported_megatron(exported):
@@ -199,7 +178,7 @@ def test_all_shared_import_of_a_llama_gives_its_logits(layout):
     with torch.no_grad():
         reference = llama(ids).logits
     _, model = _import_into_megatron((llama.state_dict(), llama.config), layout)
-    torch.testing.assert_close(_megatron_logits(model, ids), reference, **TOL)
+    torch.testing.assert_close(megatron_logits(model, ids), reference, **TOL)
 
 
 def test_published_layout_import_agrees_between_megatron_and_hf():
@@ -213,8 +192,7 @@ def test_published_layout_import_agrees_between_megatron_and_hf():
     moh.load_state_dict(llama.state_dict(), strict=True)
     with torch.no_grad():
         hf_logits, dense_logits = moh(ids).logits, llama(ids).logits
-    megatron_logits = _megatron_logits(model, ids)
-    torch.testing.assert_close(megatron_logits, hf_logits, **TOL)
+    torch.testing.assert_close(megatron_logits(model, ids), hf_logits, **TOL)
     assert (hf_logits - dense_logits).abs().max() > 1e-3  # routing really dropped heads
 
 
@@ -270,13 +248,15 @@ def test_left_padding_changes_nothing(variant, impl):
     assert torch.equal(generated[0], model.generate(long, max_new_tokens=6, do_sample=False)[0])
 
 
-def test_gates_matter_and_sparse_falls_back_to_dense():
+def test_sparse_attention_equals_dense_and_gates_change_the_logits():
+    """Two kernels (head-sparse and dense attention): equal within the fp32 tolerance TOL, not
+    bitwise; and replacing the router's gates by ones moves the logits far beyond it."""
     model = _hf_model("learned-weighted-2stage")
     ids = torch.randint(0, VOCAB, (BATCH, SEQ))
     with torch.no_grad():
         logits = model(ids).logits
         sparse = _hf_model("learned-weighted-2stage", moh_attention_impl="sparse")
-        torch.testing.assert_close(sparse(ids).logits, logits, rtol=0, atol=0)
+        torch.testing.assert_close(sparse(ids).logits, logits, **TOL)
         for layer in model.model.layers:
             layer.self_attn.head_gates = lambda hidden, query: torch.ones(*query.shape[:-1])
         assert (model(ids).logits - logits).abs().max() > 1e-3

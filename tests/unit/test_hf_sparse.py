@@ -6,10 +6,6 @@ Tolerance: fp32, rtol=0, atol=1e-5 on logits (observed: a prefill with sdpa is b
 rest within about 2e-6); generated tokens must be identical.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,15 +14,10 @@ import torch
 from megatron_moh.conversion.hf_files import save_hf_checkpoint
 from megatron_moh.hf import MoHLlamaConfig, MoHLlamaForCausalLM
 from megatron_moh.hf import modeling_moh
+from tests.hf_support import VARIANTS, run_offline
 
 VOCAB, MAX_SEQ, STD = 128, 64, 0.1
 TOL = dict(rtol=0, atol=1e-5)
-VARIANTS = {
-    "learned-weighted-2stage": dict(moh_router="learned", moh_gate="weighted", moh_two_stage=True),
-    "learned-binary": dict(moh_router="learned", moh_gate="binary"),
-    "query_norm-binary": dict(moh_router="query_norm", moh_gate="binary"),
-    "query_norm-weighted": dict(moh_router="query_norm", moh_gate="weighted"),
-}
 IMPLS = ("sdpa", "eager")
 
 
@@ -183,14 +174,7 @@ def test_exported_sparse_model_loads_with_remote_code_and_equals_dense(tmp_path)
     ids = torch.randint(1, VOCAB, (2, 9))
     torch.save(ids, tmp_path / "ids.pt")
     job = dict(dir=str(out), ids=str(tmp_path / "ids.pt"), out=str(tmp_path / "out.pt"))
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    (tmp_path / "loader.py").write_text(LOADER)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "PYTHONPATH"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"), TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(tmp_path / "loader.py"), str(tmp_path / "job.json")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = torch.load(tmp_path / "out.pt")
+    result = run_offline(LOADER, job, tmp_path)
     assert result["imported"] == []
     tokens, step_logits = _generate(dense, ids, steps=6)
     with torch.no_grad():

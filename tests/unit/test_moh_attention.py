@@ -107,14 +107,30 @@ def test_all_shared_heads_equal_megatron_self_attention():
         assert torch.equal(a, b)
 
 
-def test_head_usage_counts_routing_slots():
-    cfg = tiny_config()
+@pytest.mark.parametrize("router,gate", [("learned", "weighted"), ("query_norm", "binary")])
+def test_head_usage_counts_routing_slots(router, gate):
+    """Each routed head's logged share equals the share of (token, top-k slot) pairs whose gate for
+    that head is non-zero, counted here from the gates the router returned."""
+    cfg = tiny_config(moh_router=router, moh_gate=gate, moh_topk=2)
     torch.manual_seed(4)
-    attn, _, _ = _run_layer(cfg, torch.randn(SEQ, BATCH, cfg.hidden_size), torch.ones(SEQ, BATCH, cfg.hidden_size))
+    seen = []
+    hook = lambda module, args, gates: seen.append(gates.detach().clone())  # noqa: E731
+    x = torch.randn(SEQ, BATCH, cfg.hidden_size)
+    attn = build_attention(cfg)
+    attn.train()
+    attn.router.register_forward_hook(hook)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    for _ in range(2):  # usage accumulates over forwards until it is reset
+        out, _ = attn(x.clone().requires_grad_(True), attention_mask=None, rotary_pos_emb=rotary(cfg, SEQ))
+        out.sum().backward()
+        x = torch.randn_like(x)
+    chosen = torch.cat([g[..., cfg.moh_num_shared_heads:] != 0 for g in seen]).reshape(-1, cfg.moh_num_routed_heads)
+    assert (chosen.sum(-1) == cfg.moh_topk).all()
+    expected = chosen.sum(0) / (chosen.shape[0] * cfg.moh_topk)
     usage = attn.router.reset_head_usage()
-    assert usage.shape == (cfg.moh_num_routed_heads,)
-    torch.testing.assert_close(usage.sum(), torch.tensor(1.0))
-    assert attn.router.tokens_routed.item() == 0
+    torch.testing.assert_close(usage, expected.float(), rtol=0, atol=1e-7)
+    assert len(set(expected.tolist())) > 1  # an uneven routing, so a per-head mistake would show
+    assert attn.router.tokens_routed.item() == 0 and attn.router.head_usage.sum().item() == 0
 
 
 def test_binary_gates_are_exactly_zero_or_one():
@@ -124,8 +140,13 @@ def test_binary_gates_are_exactly_zero_or_one():
     logits = torch.randn(64, 3, 12, requires_grad=True)
     gates, probs, mask = gates_from_logits(logits, logits, None, None, num_shared=4, topk=3, gate="binary")
     assert torch.equal(gates[..., 4:], mask) and torch.equal(gates[..., :4], torch.ones(64, 3, 4))
-    (gates[..., 4:] * torch.randn(64, 3, 12)).sum().backward()
-    assert logits.grad.abs().sum() > 0  # the straight-through gradient still reaches the logits
+    upstream = torch.randn(64, 3, 12)
+    (gates[..., 4:] * upstream).sum().backward()
+    # Straight-through: the chosen heads' gates pass their gradient to their softmax probabilities,
+    # d logits = p * (v - sum(p * v)) with v = mask * upstream; unchosen heads pass nothing.
+    p = torch.softmax(logits.detach(), dim=-1)
+    v = mask.detach() * upstream
+    torch.testing.assert_close(logits.grad, p * (v - (p * v).sum(-1, keepdim=True)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("router", ["learned", "query_norm"])
