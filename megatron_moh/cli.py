@@ -11,9 +11,6 @@ import argparse
 from megatron_moh import platform
 from megatron_moh.config import MoHConfigError, check_moh_config, resolve_moh_defaults
 
-# Any of these means the user brought data; without them the built-in corpus is used.
-DATA_FLAGS = ("--data-path", "--mock-data", "--train-data-path", "--data-args-path", "--per-split-data-args-path")
-
 # The built-in default: a small MoH model that learns visibly in a few minutes on two CPU cores.
 TINY_MODEL_DEFAULTS = dict(
     num_layers=4,
@@ -87,25 +84,6 @@ def add_moh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def with_builtin_data(argv: list[str]) -> list[str]:
-    """``argv`` plus the built-in corpus (stdlib docstrings: tokenizer + indexed dataset, built on
-    first use and cached) when it names no data of its own."""
-    if any(arg.split("=")[0] in DATA_FLAGS for arg in argv):
-        return argv
-    from megatron_moh.data import prepare_builtin_dataset
-    from megatron_moh.tokenizer import megatron_tokenizer_args
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--moh-data-cache", default=None)
-    pre.add_argument("--tokenizer-model", default=None)
-    known, _ = pre.parse_known_args(argv)
-    prefix, tokenizer_model = prepare_builtin_dataset(cache_dir=known.moh_data_cache)
-    extra = ["--data-path", prefix]
-    if known.tokenizer_model is None:
-        extra += megatron_tokenizer_args(tokenizer_model)
-    return [*argv, *extra]
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Exit with a one-line message for impossible MoH settings, unusable data or an unusable
     --load checkpoint (this also installs the checkpoint hooks of megatron_moh.checkpoint), before any
@@ -113,7 +91,7 @@ def check_args(args: argparse.Namespace) -> None:
     from megatron.training import get_tokenizer
 
     from megatron_moh.checkpoint import CheckpointError, check_load
-    from megatron_moh.data import DataError, validate_data
+    from megatron_moh.data.validation import DataError, validate_data
     from megatron_moh.specs import TransformerEngineMissing, require_transformer_engine
 
     try:

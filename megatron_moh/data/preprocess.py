@@ -1,39 +1,24 @@
-"""Text in, megatron-core GPT datasets out.
+"""Text in, megatron's indexed dataset out: read txt/jsonl documents and tokenize them.
 
-Four jobs, each a few functions:
+`check_input_files` and `iter_documents` read ``.txt`` (one document per file, paragraph or line)
+and ``.jsonl`` (one per line); `preprocess_documents` tokenizes them, one sequence per document
+with the end-of-document id appended, into ``<prefix>.bin/.idx`` plus a ``<prefix>.meta.json``
+that names the tokenizer so training can check the pairing.
 
-* a corpus every machine already has: the docstrings of Python's standard library
-  (`builtin_corpus_text`), turned once into a cached tokenizer + indexed dataset
-  (`prepare_builtin_dataset`);
-* reading txt/jsonl input (`check_input_files`, `iter_documents`) and tokenizing it into
-  megatron's ``.bin``/``.idx`` format (`preprocess_documents`), one document per sequence with
-  the end-of-document id appended;
-* fail-fast checks with one-line messages before anything is built (`parse_blend`,
-  `validate_data`);
-* train/valid/test datasets from megatron-core's BlendedMegatronDatasetBuilder + GPTDataset
-  (`build_gpt_datasets`).
-
-Megatron and torch are imported inside the functions that need them, so tokenizer training and
-the preprocessing workers start without the ~8 s megatron import.
+Megatron is imported inside `preprocess_documents` only, so the tokenizer workers, which
+re-import this module, start without the ~8 s megatron import.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import itertools
 import json
 import logging
-import math
 import multiprocessing
 import os
-import re
 import shutil
-import sys
-import sysconfig
-import tempfile
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -42,97 +27,13 @@ from typing import Any
 import numpy
 
 from megatron_moh import tokenizer as tok
+from megatron_moh.data.validation import META_SUFFIX, DataError, dataset_files
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_CORPUS_VERSION = 1  # bump when the corpus extraction or tokenizer settings change
-DEFAULT_VOCAB_SIZE = 4096
-META_SUFFIX = ".meta.json"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".json")
 TXT_MODES = ("file", "paragraph", "line")
-_BUILTIN_PREFIX_NAME = "text_document"
-# Directories of the stdlib whose docstrings are test scaffolding or generated boilerplate.
-_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test", "encodings"}
-
-
-class DataError(ValueError):
-    """A one-line, user-fixable problem with data paths, blends or their tokenizer."""
-
-
-# --------------------------------------------------------------------------------------------
-# The built-in corpus
-
-
-def builtin_corpus_text() -> Iterator[str]:
-    """Yield English documents from the docstrings of Python's own standard library.
-
-    Needs no download. Files are parsed with `ast` (never imported), walked in sorted order, so
-    the corpus is the same on every run of the same Python version. One document per module
-    docstring and per top-level class or function (its methods' docstrings included); test
-    suites and generated codec modules are left out. About 1.6 MB of text on Python 3.12.
-    """
-    for path in _stdlib_sources():
-        try:
-            with open(path, "rb") as handle:
-                source = handle.read()
-            with warnings.catch_warnings():  # old invalid escapes in the stdlib's own sources
-                warnings.simplefilter("ignore")
-                tree = ast.parse(source)
-        except (SyntaxError, ValueError, OSError):
-            continue
-        yield from _docstring_documents(tree)
-
-
-def _stdlib_sources() -> list[str]:
-    root = sysconfig.get_paths()["stdlib"]
-    sources = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(
-            d for d in subdirs if d not in _STDLIB_SKIP_DIRS and not d.startswith("test")
-        )
-        sources.extend(
-            os.path.join(directory, name)
-            for name in sorted(files)
-            if name.endswith(".py") and not name.startswith("test")
-        )
-    return sources
-
-
-def _docstring_documents(tree: ast.Module) -> Iterator[str]:
-    module_doc = ast.get_docstring(tree)
-    if module_doc:
-        yield module_doc
-    for node in _top_level_definitions(tree.body):
-        docs: list[str] = []
-        _collect_docstrings(node, docs)
-        if docs:
-            yield "\n\n".join(docs)
-
-
-def _top_level_definitions(body: list[ast.stmt]) -> Iterator[ast.AST]:
-    """Top-level classes and functions, including those under ``if``/``try`` at module level."""
-    for node in body:
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield node
-        elif isinstance(node, (ast.If, ast.Try, ast.With)):
-            for block in ("body", "orelse", "finalbody"):
-                yield from _top_level_definitions(getattr(node, block, []))
-            for handler in getattr(node, "handlers", []):
-                yield from _top_level_definitions(handler.body)
-
-
-def _collect_docstrings(node: ast.AST, out: list[str]) -> None:
-    doc = ast.get_docstring(node)  # type: ignore[arg-type]
-    if doc:
-        out.append(doc)
-    for child in getattr(node, "body", []):
-        if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            _collect_docstrings(child, out)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading txt / jsonl input
 
 
 def check_input_files(paths: Sequence[str], json_key: str = "text") -> None:
@@ -246,10 +147,6 @@ def count_documents(paths: Sequence[str], txt_mode: str = "file") -> int:
     return total
 
 
-# --------------------------------------------------------------------------------------------
-# Tokenizing into megatron's indexed dataset
-
-
 @dataclass
 class PreprocessStats:
     """What `preprocess_documents` wrote; also stored beside the data as ``<prefix>.meta.json``."""
@@ -277,7 +174,7 @@ def check_output_prefix(output_prefix: str, overwrite: bool = False) -> None:
             f"--output-prefix {output_prefix} ends in {output_prefix[-4:]}; give the prefix "
             f"without it ({output_prefix[:-4]})"
         )
-    existing = [p for p in _dataset_files(output_prefix) if os.path.exists(p)]
+    existing = [p for p in dataset_files(output_prefix) if os.path.exists(p)]
     if existing and not overwrite:
         raise DataError(
             f"{existing[0]} already exists; pass --overwrite to replace it or choose another "
@@ -288,10 +185,6 @@ def check_output_prefix(output_prefix: str, overwrite: bool = False) -> None:
         raise DataError(
             f"cannot write to {parent}; choose an --output-prefix in a writable directory"
         )
-
-
-def _dataset_files(prefix: str) -> list[str]:
-    return [f"{prefix}.bin", f"{prefix}.idx", f"{prefix}{META_SUFFIX}"]
 
 
 def preprocess_documents(
@@ -468,361 +361,3 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
     iterator = iter(items)
     while batch := list(itertools.islice(iterator, size)):
         yield batch
-
-
-# --------------------------------------------------------------------------------------------
-# The cached built-in dataset
-
-
-def default_cache_dir() -> str:
-    """``$MOH_DATA_CACHE``, else ``$XDG_CACHE_HOME/megatron_moh``, else ``~/.cache/...``."""
-    if os.environ.get("MOH_DATA_CACHE"):
-        return os.environ["MOH_DATA_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "megatron_moh")
-
-
-def builtin_dataset_dir(cache_dir: str | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
-    """Where `prepare_builtin_dataset` keeps (or will keep) this Python's corpus at `vocab_size`."""
-    version = f"py{sys.version_info.major}.{sys.version_info.minor}"
-    name = f"stdlib-docs-{version}-v{BUILTIN_CORPUS_VERSION}-bpe{vocab_size}"
-    return os.path.join(os.path.abspath(cache_dir or default_cache_dir()), name)
-
-
-def prepare_builtin_dataset(
-    cache_dir: str | None = None,
-    vocab_size: int = DEFAULT_VOCAB_SIZE,
-    *,
-    workers: int = 1,
-    progress: bool = False,
-) -> tuple[str, str]:
-    """Return ``(data_prefix, tokenizer_model)`` for the stdlib-docstring corpus, building once.
-
-    The first call writes ``corpus.jsonl``, trains a `vocab_size` BPE tokenizer on it and
-    tokenizes it into ``text_document.bin/.idx`` (EOD appended); later calls return the cached
-    files. Safe when several processes (e.g. all torchrun ranks) call it at once: one builds
-    under a file lock while the others wait, and the result is published by renaming a finished
-    temporary directory, so a reader never sees a partial build.
-    """
-    final = builtin_dataset_dir(cache_dir, vocab_size)
-    paths = (os.path.join(final, _BUILTIN_PREFIX_NAME), os.path.join(final, "tokenizer.model"))
-    if _builtin_complete(final):
-        return paths
-    parent = os.path.dirname(final)
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as err:
-        raise DataError(f"cannot create cache directory {parent} ({err.strerror}); pass cache_dir= "
-                        "or set MOH_DATA_CACHE to a writable directory") from None
-    with _file_lock(f"{final}.lock"):
-        if _builtin_complete(final):
-            return paths
-        if os.path.exists(final):
-            raise DataError(f"{final} is incomplete (files were removed); delete it and retry")
-        start = time.time()
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}.tmp-")
-        try:
-            _build_builtin(tmp, final, vocab_size, workers, progress)
-            os.chmod(tmp, 0o755)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not _builtin_complete(final):  # lost a race without the lock (e.g. NFS)
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("built %s in %.1f s", final, time.time() - start)
-    return paths
-
-
-def prepare_builtin_dataset_distributed(
-    cache_dir: str | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE, **kwargs: Any
-) -> tuple[str, str]:
-    """`prepare_builtin_dataset` for an initialised process group: rank 0 builds, then all read.
-
-    Rank 0's error, if any, is raised on every rank instead of leaving the others at a barrier.
-    Ranks on other nodes whose `cache_dir` is not shared simply build their own copy.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return prepare_builtin_dataset(cache_dir, vocab_size, **kwargs)
-    message: list[str | None] = [None]
-    if dist.get_rank() == 0:
-        try:
-            prepare_builtin_dataset(cache_dir, vocab_size, **kwargs)
-        except Exception as err:  # handed to every rank below, then raised everywhere
-            message[0] = f"{type(err).__name__}: {err}"
-    dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise DataError(f"rank 0 could not prepare the built-in dataset: {message[0]}")
-    return prepare_builtin_dataset(cache_dir, vocab_size, **kwargs)
-
-
-def _builtin_complete(directory: str) -> bool:
-    prefix = os.path.join(directory, _BUILTIN_PREFIX_NAME)
-    needed = [os.path.join(directory, "tokenizer.model"), *_dataset_files(prefix)]
-    return all(os.path.isfile(path) for path in needed)
-
-
-def _build_builtin(
-    directory: str, final_directory: str, vocab_size: int, workers: int, progress: bool
-) -> None:
-    documents = list(builtin_corpus_text())
-    with open(os.path.join(directory, "corpus.jsonl"), "w", encoding="utf-8") as handle:
-        for document in documents:
-            handle.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
-    model = tok.train_tokenizer(documents, os.path.join(directory, "tokenizer"), vocab_size)
-    prefix = os.path.join(directory, _BUILTIN_PREFIX_NAME)
-    preprocess_documents(
-        documents, prefix, model, workers=workers, progress=progress, total=len(documents)
-    )
-    # The meta file names the tokenizer; point it at where the directory is about to be renamed.
-    meta = read_meta(prefix) or {}
-    meta["tokenizer_model"] = os.path.join(final_directory, "tokenizer.model")
-    tok.atomic_write(f"{prefix}{META_SUFFIX}", json.dumps(meta, indent=1).encode())
-
-
-@contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    """An exclusive advisory lock where the OS offers one; a no-op elsewhere."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic rename alone keeps builds correct
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-# --------------------------------------------------------------------------------------------
-# Blends and validation
-
-
-def parse_blend(blend: str | Sequence[Any]) -> tuple[list[str], list[float] | None]:
-    """Split a Megatron-style blend into ``(prefixes, weights or None)``, rejecting bad weights.
-
-    Accepts ``["0.7", "a", "0.3", "b"]``, ``["a", "b"]``, the same as one whitespace-separated
-    string, or megatron's ``(["a", "b"], [0.7, 0.3])``. Weights need not sum to 1 (megatron
-    normalises them) but must be finite and positive.
-    """
-    if isinstance(blend, str):
-        blend = blend.split()
-    if (
-        isinstance(blend, tuple) and len(blend) == 2 and isinstance(blend[0], (list, tuple))
-    ):
-        prefixes = [str(p) for p in blend[0]]
-        weights = None if blend[1] is None else [_weight(w, p) for w, p in zip(blend[1], prefixes)]
-        if weights is not None and len(weights) != len(prefixes):
-            raise DataError(f"the blend has {len(prefixes)} paths but {len(blend[1])} weights; "
-                            "give one weight per path")
-        return prefixes, _checked_weights(prefixes, weights)
-    items = [str(item) for item in blend]
-    if not items:
-        raise DataError("the data blend is empty; pass --data-path PREFIX or WEIGHT PREFIX ...")
-    numeric = [_is_number(item) for item in items]
-    if not any(numeric):
-        return items, None
-    if len(items) % 2 or not all(numeric[0::2]) or any(numeric[1::2]):
-        raise DataError(
-            f"cannot read the blend {' '.join(items)!r}: give WEIGHT PREFIX pairs "
-            "(e.g. 0.7 data/a 0.3 data/b) or only prefixes"
-        )
-    prefixes = items[1::2]
-    weights = [_weight(w, p) for w, p in zip(items[0::2], prefixes)]
-    return prefixes, _checked_weights(prefixes, weights)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _weight(value: Any, prefix: str) -> float:
-    try:
-        weight = float(value)
-    except (TypeError, ValueError):
-        raise DataError(f"weight {value!r} for {prefix} is not a number") from None
-    if not math.isfinite(weight):
-        raise DataError(f"weight {value!r} for {prefix} is not finite; use a positive number")
-    if weight < 0:
-        raise DataError(f"weight {value!r} for {prefix} is negative; weights must be positive")
-    if weight == 0:
-        raise DataError(
-            f"weight 0 for {prefix}: a dataset cannot be drawn 0 times; drop it from the blend"
-        )
-    return weight
-
-
-def _checked_weights(prefixes: list[str], weights: list[float] | None) -> list[float] | None:
-    if len(set(prefixes)) != len(prefixes):
-        dup = next(p for p in prefixes if prefixes.count(p) > 1)
-        raise DataError(
-            f"{dup} appears twice in the blend; list each dataset once with its total weight"
-        )
-    return weights
-
-
-def parse_split(split: str) -> list[float]:
-    """``"98,2,0"`` -> normalised train/valid/test fractions; one-line error if impossible."""
-    parts = [p.strip() for p in re.split(r"[,/]", split) if p.strip()]
-    if not 1 <= len(parts) <= 3 or not all(_is_number(p) for p in parts):
-        raise DataError(
-            f"split {split!r} is not up to three numbers; use e.g. 98,2,0 (train,valid,test)"
-        )
-    values = [float(p) for p in parts] + [0.0] * (3 - len(parts))
-    if any(v < 0 or not math.isfinite(v) for v in values) or sum(values) <= 0:
-        raise DataError(
-            f"split {split!r} needs non-negative numbers with a positive sum, e.g. 98,2,0"
-        )
-    return [v / sum(values) for v in values]
-
-
-def read_meta(prefix: str) -> dict[str, Any] | None:
-    """The ``<prefix>.meta.json`` that `preprocess_documents` writes, if present."""
-    path = f"{prefix}{META_SUFFIX}"
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def max_token_id(prefix: str) -> int:
-    """Largest token id stored in an indexed dataset: from its meta file, else by scanning .bin."""
-    meta = read_meta(prefix)
-    if meta and "max_token_id" in meta:
-        return int(meta["max_token_id"])
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    dtype = IndexedDataset(prefix, mmap=True).index.dtype
-    tokens = numpy.memmap(f"{prefix}.bin", dtype=dtype, mode="r")
-    chunk = 1 << 24
-    return max((int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk)), default=-1)
-
-
-def validate_data(
-    blend: str | Sequence[Any],
-    tokenizer: Any = None,
-    *,
-    vocab_size: int | None = None,
-    split: str | None = None,
-) -> tuple[list[str], list[float] | None]:
-    """Check a blend before training; return ``(prefixes, weights)`` or raise one-line `DataError`.
-
-    Checks: weights are usable, every prefix has its ``.bin`` and ``.idx``, no stored token id
-    reaches the vocabulary size (`vocab_size`, default ``tokenizer.vocab_size``), the data was made
-    by this tokenizer when its meta file says which, and `split` is a valid split string.
-    """
-    prefixes, weights = parse_blend(blend)
-    if split is not None:
-        parse_split(split)
-    for prefix in prefixes:
-        _check_prefix_exists(prefix)
-    limit = vocab_size if vocab_size is not None else getattr(tokenizer, "vocab_size", None)
-    fingerprint = tok.vocab_fingerprint(tokenizer) if tokenizer is not None else None
-    for prefix in prefixes:
-        if limit is not None:
-            highest = max_token_id(prefix)
-            if highest >= limit:
-                raise DataError(
-                    f"vocabulary size mismatch: {prefix} holds token id {highest} but the "
-                    f"tokenizer/model vocabulary has only {limit} ids; use the tokenizer the data "
-                    "was made with or re-run tools/preprocess_data.py with this one"
-                )
-        made_by = (read_meta(prefix) or {}).get("vocab_fingerprint")
-        if fingerprint and made_by and made_by != fingerprint:
-            raise DataError(
-                f"{prefix} was tokenized with a different tokenizer (vocabulary {made_by}) than "
-                f"the one given (vocabulary {fingerprint}); train with the tokenizer the data was "
-                "made with or re-run tools/preprocess_data.py with this one"
-            )
-    return prefixes, weights
-
-
-def _check_prefix_exists(prefix: str) -> None:
-    if prefix.endswith((".bin", ".idx")) and os.path.isfile(prefix):
-        raise DataError(f"data path {prefix} includes the suffix; pass the prefix {prefix[:-4]}")
-    missing = [p for p in (f"{prefix}.bin", f"{prefix}.idx") if not os.path.isfile(p)]
-    if len(missing) == 2:
-        raise DataError(
-            f"no dataset at {prefix}: {prefix}.bin and {prefix}.idx not found; create them with "
-            f"tools/preprocess_data.py --output-prefix {prefix} (a data path is the prefix "
-            "without .bin/.idx)"
-        )
-    if missing:
-        raise DataError(f"{missing[0]} is missing beside its pair; re-run tools/preprocess_data.py "
-                        f"--output-prefix {prefix} --overwrite")
-
-
-# --------------------------------------------------------------------------------------------
-# megatron-core datasets
-
-
-def build_gpt_datasets(
-    blend: str | Sequence[Any],
-    tokenizer: Any,
-    *,
-    sequence_length: int,
-    num_samples: Sequence[int | None],
-    split: str = "98,2,0",
-    seed: int = 1234,
-    path_to_cache: str | None = None,
-    is_built_on_rank: Callable[[], bool] | None = None,
-    reset_position_ids: bool = False,
-    reset_attention_mask: bool = False,
-    eod_mask_loss: bool = False,
-    create_attention_mask: bool = True,
-    validate: bool = True,
-    **config_kwargs: Any,
-) -> tuple[Any, Any, Any]:
-    """Train/valid/test datasets (None for an empty split) from megatron-core's builder.
-
-    `num_samples` is ``(train, valid, test)`` sample counts; a weighted blend needs all three set
-    for the splits it builds. Deterministic for a given `seed`. Extra keyword arguments go to
-    ``GPTDatasetConfig``. Must be called on every rank when a process group exists (the builder
-    builds on rank 0 first and then barriers); `is_built_on_rank` says which ranks need the
-    data (default: all).
-    """
-    if validate:
-        prefixes, weights = validate_data(blend, tokenizer, split=split)
-    else:
-        prefixes, weights = parse_blend(blend)
-    fractions = parse_split(split)
-    if len(num_samples) != 3:
-        raise DataError(f"num_samples={list(num_samples)} needs three counts: (train, valid, test)")
-    if weights is not None:
-        unset = [name for name, n, f in zip(("train", "valid", "test"), num_samples, fractions)
-                 if f > 0 and n is None]
-        if unset:
-            raise DataError(f"a weighted blend needs a sample count for the {unset[0]} split; "
-                            "set it (e.g. from --train-iters x global batch size)")
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=sequence_length,
-        blend=(prefixes, weights),
-        split=split,
-        path_to_cache=path_to_cache,
-        tokenizer=tokenizer,
-        reset_position_ids=reset_position_ids,
-        reset_attention_mask=reset_attention_mask,
-        eod_mask_loss=eod_mask_loss,
-        create_attention_mask=create_attention_mask,
-        **config_kwargs,
-    )
-    builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config
-    )
-    train, valid, test = builder.build()
-    return train, valid, test
