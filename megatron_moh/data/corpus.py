@@ -34,7 +34,10 @@ _BUILTIN_PREFIX_NAME = "text_document"
 # Directories of the stdlib whose docstrings are test scaffolding or generated boilerplate.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test", "encodings"}
 # Any of these means the user brought data; without them the built-in corpus is used.
-DATA_FLAGS = ("--data-path", "--mock-data", "--train-data-path", "--data-args-path", "--per-split-data-args-path")
+DATA_FLAGS = (
+    "--data-path", "--mock-data", "--train-data-path", "--data-args-path",
+    "--per-split-data-args-path",
+)
 
 
 def builtin_corpus_text() -> Iterator[str]:

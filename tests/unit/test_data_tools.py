@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import re
-import subprocess
-import sys
 import itertools
 import json
 import os
+import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -82,7 +82,8 @@ def _fresh_python(*args: str) -> str:
 
 def _in_fresh_process(function: str, *argv: str) -> str:
     """The last line printed by ``function(*argv)`` of this module, called in a fresh process."""
-    code = f"import sys; from tests.unit.test_data_tools import {function}; print({function}(*sys.argv[1:]))"
+    code = (f"import sys; from tests.unit.test_data_tools import {function}; "
+            f"print({function}(*sys.argv[1:]))")
     return _fresh_python("-c", code, *argv).strip().splitlines()[-1]
 
 
@@ -102,7 +103,7 @@ BLEND_KWARGS = dict(sequence_length=16, num_samples=(1000, 20, 0), split="98,2,0
 
 
 def blend_digest(a: str, b: str, model: str, cache: str) -> str:
-    """sha256 of the train split of the 0.7/0.3 blend of `a` and `b` in `test_blend_respects_weights`."""
+    """sha256 of the train split that `test_blend_respects_weights` draws from `a` and `b`."""
     train, _, _ = datasets.build_gpt_datasets(
         ["0.7", a, "0.3", b], tk.load_tokenizer(model), path_to_cache=cache, **BLEND_KWARGS)
     return _samples_digest(train)
@@ -195,7 +196,8 @@ def test_preprocess_cli_writes_exact_tokens_with_eod(
     meta = validation.read_meta(str(prefix))
     assert meta["documents"] == len(docs) and meta["skipped_empty"] == 2
     assert meta["vocab_fingerprint"] == tk.vocab_fingerprint(tokenizer_400)
-    assert validation.max_token_id(str(prefix)) == max(int(dataset[i].max()) for i in range(len(docs)))
+    highest = max(int(dataset[i].max()) for i in range(len(docs)))
+    assert validation.max_token_id(str(prefix)) == highest
 
     # Same bytes with one worker, and without EOD the documents just lose their last id.
     one = tmp_path / "one"
@@ -385,7 +387,8 @@ def test_validation_errors_are_one_line(jsonl_input, tmp_path, tokenizer_400, sm
 
     # Same vocabulary size, different tokenizer: caught through the meta file's fingerprint.
     other = tk.train_tokenizer(small_docs[200:], str(tmp_path / "other"), 500)
-    preprocess.preprocess_documents(preprocess.iter_documents([str(path)]), good, other, overwrite=True)
+    preprocess.preprocess_documents(
+        preprocess.iter_documents([str(path)]), good, other, overwrite=True)
     with pytest.raises(validation.DataError, match="different tokenizer"):
         validation.validate_data([good], tokenizer_500)
 
