@@ -21,13 +21,13 @@ from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 
 from megatron_moh import checkpoint, metrics  # noqa: E402
 from megatron_moh.cli import TINY_MODEL_DEFAULTS, add_moh_args, check_args  # noqa: E402
-from megatron_moh.data.corpus import builtin_data_flags  # noqa: E402
+from megatron_moh.data.corpus import with_builtin_data  # noqa: E402
 from megatron_moh.train import datasets_provider, forward_step, model_provider  # noqa: E402
 
 
 def main() -> None:
     checkpoint.install()  # before --use-checkpoint-args can read a checkpoint during parsing
-    sys.argv += builtin_data_flags(sys.argv[1:])
+    sys.argv = [sys.argv[0], *with_builtin_data(sys.argv[1:])]
     try:
         args = parse_and_validate_args(extra_args_provider=add_moh_args, args_defaults=TINY_MODEL_DEFAULTS)
     except AssertionError as err:  # megatron's argument checks, e.g. impossible batch sizes

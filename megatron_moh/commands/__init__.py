@@ -1,7 +1,1 @@
-"""Command-line entry points installed as console scripts (see setup.py):
-
-* `preprocess_data`: ``megatron-moh-preprocess``, txt/jsonl -> megatron ``.bin``/``.idx``;
-* `train_tokenizer`: ``megatron-moh-train-tokenizer``, a byte-fallback BPE sentencepiece model.
-
-``tools/preprocess_data.py`` and ``tools/train_tokenizer.py`` run the same ``main()``.
-"""
+"""Command-line programs: each module has build_parser() and main(argv), used by tools/ and the console scripts."""

@@ -2,7 +2,7 @@
 
 The docstrings of Python's standard library (`builtin_corpus_text`) are turned once into a
 tokenizer and an indexed dataset kept in a cache directory (`prepare_builtin_dataset`);
-`builtin_data_flags` adds them to a ``pretrain_moh.py`` command line that names no data.
+`with_builtin_data` adds them to a ``pretrain_moh.py`` command line that names no data.
 """
 
 from __future__ import annotations
@@ -232,15 +232,15 @@ def _file_lock(path: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def builtin_data_flags(argv: list[str]) -> list[str]:
-    """The ``pretrain_moh.py`` flags that train on the built-in corpus, or ``[]`` if `argv` names
-    data of its own: ``--data-path`` and, unless `argv` gives one, the tokenizer flags.
+def with_builtin_data(argv: list[str]) -> list[str]:
+    """`argv` plus the flags that train on the built-in corpus (``--data-path`` and, unless
+    `argv` gives one, the tokenizer), or `argv` unchanged when it names data of its own.
 
     Builds the corpus's tokenizer and indexed dataset on first use (``--moh-data-cache`` says
     where to cache them).
     """
     if any(arg.split("=")[0] in DATA_FLAGS for arg in argv):
-        return []
+        return argv
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--moh-data-cache", default=None)
     pre.add_argument("--tokenizer-model", default=None)
@@ -249,4 +249,4 @@ def builtin_data_flags(argv: list[str]) -> list[str]:
     extra = ["--data-path", prefix]
     if known.tokenizer_model is None:
         extra += tok.megatron_tokenizer_args(tokenizer_model)
-    return extra
+    return [*argv, *extra]
