@@ -11,6 +11,12 @@ setup(
     packages=find_packages(include=["megatron_moh", "megatron_moh.*"]),
     package_data={"megatron_moh": ["hf/*.py"]},
     python_requires=">=3.12",
+    entry_points={
+        "console_scripts": [
+            "megatron-moh-preprocess = megatron_moh.commands.preprocess_data:main",
+            "megatron-moh-train-tokenizer = megatron_moh.commands.train_tokenizer:main",
+        ],
+    },
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.19,<0.20",

@@ -9,13 +9,12 @@ from functools import partial
 
 import torch
 
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.models.gpt import GPTModel
 from megatron.training import get_args, get_tokenizer
 from megatron.training.utils.common_utils import get_blend_and_blend_per_split, print_rank_0
 
 from megatron_moh import metrics, platform
+from megatron_moh.data.datasets import build_gpt_datasets
 from megatron_moh.model import model_from_args
 
 
@@ -58,25 +57,25 @@ def datasets_provider(train_val_test_num_samples, vp_stage: int | None = None):
     """Train/valid/test GPT datasets from --data-path blends (or mock data)."""
     args = get_args()
     blend, blend_per_split = get_blend_and_blend_per_split(args)
-    config = GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=blend,
+    dataset_name = "MockGPTDataset" if args.mock_data else "GPTDataset"
+    print_rank_0(f"> building train, validation and test datasets ({dataset_name}) ...")
+    return build_gpt_datasets(  # check_args has validated --data-path already
+        blend,
+        get_tokenizer(),
         blend_per_split=blend_per_split,
+        mock=args.mock_data,
+        sequence_length=args.seq_length,
+        num_samples=train_val_test_num_samples,
         split=args.split,
+        seed=args.seed,
         path_to_cache=args.data_cache_path,
-        tokenizer=get_tokenizer(),
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=args.create_attention_mask_in_dataloader,
         mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+        validate=False,
     )
-    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
-    print_rank_0(f"> building train, validation and test datasets ({dataset_type.__name__}) ...")
-    return BlendedMegatronDatasetBuilder(
-        dataset_type, train_val_test_num_samples, lambda: True, config
-    ).build()
 
 
 # Every rank builds the same loaders, so no rank waits on a broadcast of its batch.

@@ -72,12 +72,10 @@ class _NoStream:
         return 0.0
 
 
-def _nothing(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def _zero(*args: Any, **kwargs: Any) -> int:
-    return 0
+def _returning(value: Any) -> Any:
+    """A new function per replaced attribute: torch.compile keeps a rule per torch function and
+    refuses one object standing in for several of them."""
+    return lambda *args, **kwargs: value
 
 
 def _cpu_rng_get(device: Any = "cuda", *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -100,10 +98,10 @@ def _patch_torch_cuda() -> None:
     replace(cuda, "current_device", lambda: torch.device("cpu"), why="tensors megatron places go to the CPU",
             params=())
     for name in ("set_device", "synchronize", "reset_peak_memory_stats"):
-        replace(cuda, name, _nothing, why="nothing to select or wait for on the CPU", params=("device",))
-    replace(cuda, "empty_cache", _nothing, why="no CUDA cache", params=())
+        replace(cuda, name, _returning(None), why="nothing to select or wait for on the CPU", params=("device",))
+    replace(cuda, "empty_cache", _returning(None), why="no CUDA cache", params=())
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
-        replace(cuda, name, _zero, why="megatron's memory report", params=("device",))
+        replace(cuda, name, _returning(0), why="megatron's memory report", params=("device",))
     replace(cuda, "memory_stats", lambda *a, **k: {}, why="megatron's memory report", params=("device",))
     replace(cuda, "Stream", _NoStream, why="CPU work is synchronous")
     replace(cuda, "Event", _NoStream, why="CPU work is synchronous")
@@ -112,8 +110,8 @@ def _patch_torch_cuda() -> None:
     replace(cuda, "stream", lambda *a, **k: contextlib.nullcontext(), why="CPU work is synchronous",
             params=("stream",))
     replace(cuda, "is_current_stream_capturing", lambda: False, why="no CUDA graphs on the CPU", params=())
-    replace(cuda.nvtx, "range_push", _nothing, why="no profiler ranges on the CPU", params=("msg",))
-    replace(cuda.nvtx, "range_pop", _nothing, why="no profiler ranges on the CPU", params=())
+    replace(cuda.nvtx, "range_push", _returning(None), why="no profiler ranges on the CPU", params=("msg",))
+    replace(cuda.nvtx, "range_pop", _returning(None), why="no profiler ranges on the CPU", params=())
     # The model-parallel "CUDA" RNG tracker forks the CPU generator instead.
     rng = "the model-parallel CUDA RNG tracker uses the CPU generator"
     replace(cuda, "get_rng_state", _cpu_rng_get, why=rng, params=("device",))

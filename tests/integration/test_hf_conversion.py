@@ -105,7 +105,7 @@ def tool(*argv):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The built-in corpus with a small (512-piece) sentencepiece tokenizer."""
-    from megatron_moh.data import prepare_builtin_dataset
+    from megatron_moh.data.corpus import prepare_builtin_dataset
 
     return prepare_builtin_dataset(cache_dir=str(tmp_path_factory.mktemp("corpus")), vocab_size=VOCAB)
 

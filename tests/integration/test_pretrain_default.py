@@ -28,7 +28,7 @@ def _refusal(argv):
 
 
 def test_missing_data_path_is_refused(tmp_path, data_cache):
-    from megatron_moh.data import prepare_builtin_dataset
+    from megatron_moh.data.corpus import prepare_builtin_dataset
 
     _, tokenizer = prepare_builtin_dataset(cache_dir=data_cache)
     message = _refusal(["--data-path", str(tmp_path / "nothing_here"), "--tokenizer-type",
@@ -37,7 +37,7 @@ def test_missing_data_path_is_refused(tmp_path, data_cache):
 
 
 def test_vocabulary_mismatch_is_refused(tmp_path, data_cache):
-    from megatron_moh.data import builtin_corpus_text, prepare_builtin_dataset
+    from megatron_moh.data.corpus import builtin_corpus_text, prepare_builtin_dataset
     from megatron_moh.tokenizer import train_tokenizer
 
     prefix, _ = prepare_builtin_dataset(cache_dir=data_cache)  # made with a 4096-piece tokenizer, so ids reach past 600

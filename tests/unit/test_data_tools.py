@@ -6,10 +6,14 @@ a second) so the whole file runs in seconds after the one megatron import.
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
+import importlib
 import itertools
 import json
 import os
+import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -17,8 +21,9 @@ import numpy
 import pytest
 import torch
 
-from megatron_moh import data
 from megatron_moh import tokenizer as tk
+from megatron_moh.commands import preprocess_data, train_tokenizer
+from megatron_moh.data import corpus, datasets, preprocess, validation
 
 REPO = Path(__file__).resolve().parents[2]
 ROUND_TRIP_TEXTS = [
@@ -30,16 +35,9 @@ ROUND_TRIP_TEXTS = [
 ]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def small_docs() -> list[str]:
-    return list(itertools.islice(data.builtin_corpus_text(), 400))
+    return list(itertools.islice(corpus.builtin_corpus_text(), 400))
 
 
 @pytest.fixture(scope="module")
@@ -71,18 +69,70 @@ def _one_line(err: BaseException) -> str:
     return message
 
 
+def _fresh_python(*args: str) -> str:
+    """stdout of ``python *args`` run from the repository root in a new interpreter with another
+    hash seed: nothing is shared with this process."""
+    env = {**os.environ, "PYTHONHASHSEED": "4321",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _in_fresh_process(function: str, *argv: str) -> str:
+    """The last line printed by ``function(*argv)`` of this module, called in a fresh process."""
+    code = (f"import sys; from tests.unit.test_data_tools import {function}; "
+            f"print({function}(*sys.argv[1:]))")
+    return _fresh_python("-c", code, *argv).strip().splitlines()[-1]
+
+
+def corpus_digest() -> str:
+    """sha256 of the whole built-in corpus, document boundaries included."""
+    return _documents_digest(corpus.builtin_corpus_text())
+
+
+def _documents_digest(documents) -> str:
+    digest = hashlib.sha256()
+    for document in documents:
+        digest.update(document.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+BLEND_KWARGS = dict(sequence_length=16, num_samples=(1000, 20, 0), split="98,2,0", seed=7)
+
+
+def blend_digest(a: str, b: str, model: str, cache: str) -> str:
+    """sha256 of the train split that `test_blend_respects_weights` draws from `a` and `b`."""
+    train, _, _ = datasets.build_gpt_datasets(
+        ["0.7", a, "0.3", b], tk.load_tokenizer(model), path_to_cache=cache, **BLEND_KWARGS)
+    return _samples_digest(train)
+
+
+def _samples_digest(dataset) -> str:
+    """sha256 of every sample's source dataset and token ids, in order."""
+    digest = hashlib.sha256()
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        digest.update(int(sample["dataset_id"]).to_bytes(4, "little"))
+        digest.update(sample["tokens"].numpy().astype(numpy.int64).tobytes())
+    return digest.hexdigest()
+
+
 # --- built-in corpus -------------------------------------------------------------------------
 
 
 def test_builtin_corpus_is_real_english_and_deterministic():
-    docs = list(data.builtin_corpus_text())
+    docs = list(corpus.builtin_corpus_text())
     text = "\n".join(docs)
     assert len(text.encode("utf-8")) > 500_000
     assert len(docs) > 1000
     assert text.count(" the ") > 5000
     assert any("JSON" in d and "Serialize" in d for d in docs)  # json.dumps's docstring
-    assert data._stdlib_sources() == data._stdlib_sources()
-    assert list(itertools.islice(data.builtin_corpus_text(), 50)) == docs[:50]
+    assert corpus._stdlib_sources() == corpus._stdlib_sources()
+    assert list(itertools.islice(corpus.builtin_corpus_text(), 50)) == docs[:50]
+    # Same corpus from a fresh interpreter with another hash seed (set order, caches, walk order).
+    assert _in_fresh_process("corpus_digest") == _documents_digest(docs)
 
 
 # --- tokenizer ------------------------------------------------------------------------------
@@ -130,13 +180,12 @@ def test_preprocess_cli_writes_exact_tokens_with_eod(
 
     path, docs = jsonl_input
     prefix = tmp_path / "out" / "docs"
-    tool = _load_tool("preprocess_data")
 
     def argv(out, *extra):
         return ["--input", str(path), "--output-prefix", str(out), "--tokenizer-model", model_400,
                 "--no-progress", *extra]
 
-    assert tool.main(argv(prefix, "--workers", "2")) == 0
+    assert preprocess_data.main(argv(prefix, "--workers", "2")) == 0
 
     dataset = IndexedDataset(str(prefix))
     assert len(dataset) == len(docs)  # the two empty documents were skipped
@@ -144,17 +193,18 @@ def test_preprocess_cli_writes_exact_tokens_with_eod(
         expected = tokenizer_400.tokenize(doc) + [tokenizer_400.eod]  # megatron's own tokenize
         assert dataset[i].tolist() == expected
     assert dataset[0].dtype == numpy.uint16
-    meta = data.read_meta(str(prefix))
+    meta = validation.read_meta(str(prefix))
     assert meta["documents"] == len(docs) and meta["skipped_empty"] == 2
     assert meta["vocab_fingerprint"] == tk.vocab_fingerprint(tokenizer_400)
-    assert data.max_token_id(str(prefix)) == max(int(dataset[i].max()) for i in range(len(docs)))
+    highest = max(int(dataset[i].max()) for i in range(len(docs)))
+    assert validation.max_token_id(str(prefix)) == highest
 
     # Same bytes with one worker, and without EOD the documents just lose their last id.
     one = tmp_path / "one"
-    assert tool.main(argv(one, "--workers", "1")) == 0
+    assert preprocess_data.main(argv(one, "--workers", "1")) == 0
     assert Path(f"{one}.bin").read_bytes() == Path(f"{prefix}.bin").read_bytes()
     bare = tmp_path / "bare"
-    assert tool.main(argv(bare, "--no-append-eod")) == 0
+    assert preprocess_data.main(argv(bare, "--no-append-eod")) == 0
     bare_dataset = IndexedDataset(str(bare))  # keep it alive: items are views of its mmap
     assert bare_dataset[3].tolist() == dataset[3].tolist()[:-1]
 
@@ -162,26 +212,25 @@ def test_preprocess_cli_writes_exact_tokens_with_eod(
 def test_text_inputs_split_into_documents(tmp_path, model_400):
     txt = tmp_path / "a.txt"
     txt.write_text("first paragraph\nstill first\n\nsecond paragraph\n\n\nthird\n")
-    assert list(data.iter_documents([str(txt)])) == [txt.read_text()]
-    assert list(data.iter_documents([str(txt)], txt_mode="paragraph")) == [
+    assert list(preprocess.iter_documents([str(txt)])) == [txt.read_text()]
+    assert list(preprocess.iter_documents([str(txt)], txt_mode="paragraph")) == [
         "first paragraph\nstill first", "second paragraph", "third"]
-    assert len(list(data.iter_documents([str(txt)], txt_mode="line"))) == 4
-    assert data.count_documents([str(txt)], "paragraph") == 3
-    stats = data.preprocess_documents(
-        data.iter_documents([str(txt)], txt_mode="paragraph"), str(tmp_path / "t"), model_400)
+    assert len(list(preprocess.iter_documents([str(txt)], txt_mode="line"))) == 4
+    assert preprocess.count_documents([str(txt)], "paragraph") == 3
+    stats = preprocess.preprocess_documents(
+        preprocess.iter_documents([str(txt)], txt_mode="paragraph"), str(tmp_path / "t"), model_400)
     assert stats.documents == 3
 
 
 def test_preprocess_cli_rejects_bad_input_before_work(jsonl_input, model_400, tmp_path, capsys):
     path, _ = jsonl_input
-    tool = _load_tool("preprocess_data")
     out = str(tmp_path / "existing")
 
     def argv(inp=str(path), prefix=str(tmp_path / "new"), model=model_400):
         return ["--input", inp, "--output-prefix", prefix, "--tokenizer-model", model,
                 "--no-progress"]
 
-    assert tool.main(argv(prefix=out)) == 0
+    assert preprocess_data.main(argv(prefix=out)) == 0
     before = Path(f"{out}.bin").read_bytes()
     capsys.readouterr()
 
@@ -196,24 +245,23 @@ def test_preprocess_cli_rejects_bad_input_before_work(jsonl_input, model_400, tm
         "without it": argv(prefix=f"{out}.bin"),
     }
     for needle, args in cases.items():
-        assert tool.main(args) == 2, needle
+        assert preprocess_data.main(args) == 2, needle
         err = capsys.readouterr().err.strip()
         assert needle in err and "\n" not in err, err
     assert Path(f"{out}.bin").read_bytes() == before
     assert not list(tmp_path.glob("new*")) and not list(tmp_path.glob("*.tmp-*"))
-    assert tool.main(argv(prefix=out) + ["--overwrite"]) == 0
+    assert preprocess_data.main(argv(prefix=out) + ["--overwrite"]) == 0
 
 
 def test_train_tokenizer_cli(jsonl_input, tmp_path, capsys):
     path, _ = jsonl_input
-    tool = _load_tool("train_tokenizer")
     prefix = str(tmp_path / "cli")
     argv = ["--input", str(path), "--model-prefix", prefix, "--vocab-size", "450"]
-    assert tool.main(argv) == 0
+    assert train_tokenizer.main(argv) == 0
     assert tk.load_tokenizer(f"{prefix}.model").vocab_size == 450
     capsys.readouterr()
-    assert tool.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
-    assert tool.main(argv[:-1] + ["100", "--overwrite"]) == 2
+    assert train_tokenizer.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert train_tokenizer.main(argv[:-1] + ["100", "--overwrite"]) == 2
     assert "too small" in capsys.readouterr().err
 
 
@@ -233,7 +281,7 @@ def _write_ids(prefix: Path, low: int, high: int, n_docs: int, eod: int) -> str:
     return str(prefix)
 
 
-def test_blend_respects_weights(tmp_path, tokenizer_400):
+def test_blend_respects_weights(tmp_path, tokenizer_400, model_400):
     """0.7/0.3 blend of two sources with disjoint ids: 1,000 samples, drawn shares within 0.01.
 
     megatron's blending index is greedy and exact to within one sample, so 0.01 is generous.
@@ -242,9 +290,8 @@ def test_blend_respects_weights(tmp_path, tokenizer_400):
     eod = tokenizer_400.eod
     a = _write_ids(tmp_path / "a", 10, 100, 300, eod)
     b = _write_ids(tmp_path / "b", 100, 200, 300, eod)
-    kwargs = dict(sequence_length=16, num_samples=(1000, 20, 0), split="98,2,0", seed=7)
-    train, valid, test = data.build_gpt_datasets(
-        ["0.7", a, "0.3", b], tokenizer_400, path_to_cache=str(tmp_path / "cache"), **kwargs)
+    train, valid, test = datasets.build_gpt_datasets(
+        ["0.7", a, "0.3", b], tokenizer_400, path_to_cache=str(tmp_path / "cache"), **BLEND_KWARGS)
     assert test is None and len(valid) >= 20
     counts = [0, 0]
     for i in range(len(train)):
@@ -257,18 +304,64 @@ def test_blend_respects_weights(tmp_path, tokenizer_400):
     assert len(train) >= 1000
     assert abs(counts[0] / sum(counts) - 0.7) < 0.01, counts
 
-    again, _, _ = data.build_gpt_datasets(["0.7", a, "0.3", b], tokenizer_400, **kwargs)
+    again, _, _ = datasets.build_gpt_datasets(["0.7", a, "0.3", b], tokenizer_400, **BLEND_KWARGS)
     for i in (0, 17, 999):  # deterministic: same samples without the cache, too
         assert torch.equal(again[i]["tokens"], train[i]["tokens"])
+
+    # Deterministic across processes: a fresh interpreter with its own, empty index cache
+    # rebuilds the blending and shuffle indices and draws the very same samples.
+    fresh = _in_fresh_process("blend_digest", a, b, model_400, str(tmp_path / "fresh-cache"))
+    assert fresh == _samples_digest(train)
+
+
+def test_blend_per_split_and_mock_data(tmp_path, tokenizer_400):
+    """The training path's other two sources: one blend per split (--train-data-path etc.), each
+    split drawing only from its own dataset, and --mock-data."""
+    eod = tokenizer_400.eod
+    a = _write_ids(tmp_path / "a", 10, 100, 100, eod)
+    b = _write_ids(tmp_path / "b", 100, 200, 100, eod)
+    train, valid, test = datasets.build_gpt_datasets(
+        None, tokenizer_400, blend_per_split=[[a], ["1", b], None], split=None,
+        sequence_length=16, num_samples=(40, 10, 0), path_to_cache=str(tmp_path / "cache"))
+    assert test is None and len(train) >= 40 and len(valid) >= 10
+    for dataset, (low, high) in ((train, (10, 100)), (valid, (100, 200))):
+        tokens = torch.cat([dataset[i]["tokens"] for i in range(len(dataset))])
+        text_ids = tokens[tokens != eod]
+        assert bool(((text_ids >= low) & (text_ids < high)).all())
+
+    with pytest.raises(validation.DataError, match="sample count for the valid split"):
+        datasets.build_gpt_datasets(None, tokenizer_400, blend_per_split=[[a], ["1", b], None],
+                                    split=None, sequence_length=16, num_samples=(40, None, 0))
+
+    mock, _, _ = datasets.build_gpt_datasets(
+        None, tokenizer_400, mock=True, sequence_length=16, num_samples=(30, 5, 5),
+        path_to_cache=str(tmp_path / "mock-cache"))
+    assert type(mock).__name__ == "MockGPTDataset" and len(mock) >= 30
+    assert mock[0]["tokens"].shape == (16,)
+
+
+def test_console_scripts_and_tool_wrappers_run_the_commands():
+    """setup.py installs both data commands, and tools/*.py (the README's commands) run the same
+    main() without any sys.path edits."""
+    setup_py = (REPO / "setup.py").read_text()
+    scripts = dict(re.findall(r'"([\w-]+) = ([\w.]+:\w+)"', setup_py))
+    assert scripts["megatron-moh-preprocess"] == "megatron_moh.commands.preprocess_data:main"
+    assert scripts["megatron-moh-train-tokenizer"] == "megatron_moh.commands.train_tokenizer:main"
+    for target in scripts.values():
+        module, name = target.split(":")
+        assert callable(getattr(importlib.import_module(module), name)), target
+    for tool in ("preprocess_data", "train_tokenizer"):
+        assert "sys.path" not in (REPO / "tools" / f"{tool}.py").read_text()
+        assert _fresh_python(f"tools/{tool}.py", "--help").startswith(f"usage: {tool}.py")
 
 
 def test_validation_errors_are_one_line(jsonl_input, tmp_path, tokenizer_400, small_docs):
     path, _ = jsonl_input
     good = str(tmp_path / "good")
     model_500 = tk.train_tokenizer(small_docs, str(tmp_path / "v500"), 500)
-    data.preprocess_documents(data.iter_documents([str(path)]), good, model_500)
+    preprocess.preprocess_documents(preprocess.iter_documents([str(path)]), good, model_500)
     tokenizer_500 = tk.load_tokenizer(model_500)
-    assert data.validate_data(["0.7", good], tokenizer_500) == ([good], [0.7])
+    assert validation.validate_data(["0.7", good], tokenizer_500) == ([good], [0.7])
 
     cases = [
         (dict(blend=[str(tmp_path / "missing")]), "no dataset at"),
@@ -283,23 +376,24 @@ def test_validation_errors_are_one_line(jsonl_input, tmp_path, tokenizer_400, sm
         (dict(blend=[]), "empty"),
     ]
     for kwargs, needle in cases:
-        with pytest.raises(data.DataError, match=needle) as err:
-            data.validate_data(**kwargs)
+        with pytest.raises(validation.DataError, match=needle) as err:
+            validation.validate_data(**kwargs)
         _one_line(err.value)
 
     # Without the meta file the .bin is scanned and the same mismatch is caught.
-    os.unlink(good + data.META_SUFFIX)
-    with pytest.raises(data.DataError, match="vocabulary size mismatch"):
-        data.validate_data([good], tokenizer_400)
+    os.unlink(good + validation.META_SUFFIX)
+    with pytest.raises(validation.DataError, match="vocabulary size mismatch"):
+        validation.validate_data([good], tokenizer_400)
 
     # Same vocabulary size, different tokenizer: caught through the meta file's fingerprint.
     other = tk.train_tokenizer(small_docs[200:], str(tmp_path / "other"), 500)
-    data.preprocess_documents(data.iter_documents([str(path)]), good, other, overwrite=True)
-    with pytest.raises(data.DataError, match="different tokenizer"):
-        data.validate_data([good], tokenizer_500)
+    preprocess.preprocess_documents(
+        preprocess.iter_documents([str(path)]), good, other, overwrite=True)
+    with pytest.raises(validation.DataError, match="different tokenizer"):
+        validation.validate_data([good], tokenizer_500)
 
-    with pytest.raises(data.DataError, match="sample count"):
-        data.build_gpt_datasets(["1", good, "1", good + "_"], tokenizer_500, validate=False,
+    with pytest.raises(validation.DataError, match="sample count"):
+        datasets.build_gpt_datasets(["1", good, "1", good + "_"], tokenizer_500, validate=False,
                                 sequence_length=8, num_samples=(10, None, None))
 
 
@@ -311,7 +405,7 @@ def test_prepare_builtin_dataset_builds_once_and_races_safely(tmp_path):
 
     def prepare():
         try:
-            results.append(data.prepare_builtin_dataset(str(tmp_path), vocab_size=512))
+            results.append(corpus.prepare_builtin_dataset(str(tmp_path), vocab_size=512))
         except Exception as err:  # surfaced by the assert below
             errors.append(err)
 
@@ -323,14 +417,14 @@ def test_prepare_builtin_dataset_builds_once_and_races_safely(tmp_path):
     assert not errors and results[0] == results[1]
     prefix, model = results[0]
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [Path(prefix).parent.name]
-    again = data.prepare_builtin_dataset_distributed(str(tmp_path), vocab_size=512)
+    again = corpus.prepare_builtin_dataset_distributed(str(tmp_path), vocab_size=512)
     assert again == (prefix, model)
 
     tokenizer = tk.load_tokenizer(model)
-    data.validate_data([prefix], tokenizer, split="98,2,0")
-    meta = data.read_meta(prefix)
+    validation.validate_data([prefix], tokenizer, split="98,2,0")
+    meta = validation.read_meta(prefix)
     assert meta["tokenizer_model"] == model and meta["tokens"] > 100_000
-    train, valid, _ = data.build_gpt_datasets(
+    train, valid, _ = datasets.build_gpt_datasets(
         [prefix], tokenizer, sequence_length=64, num_samples=(50, 5, 0))
     tokens = torch.cat([train[i]["tokens"] for i in range(50)])
     assert (tokens == tokenizer.eod).any() and int(tokens.max()) < 512
