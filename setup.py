@@ -13,6 +13,7 @@ setup(
     python_requires=">=3.12",
     entry_points={
         "console_scripts": [
+            "megatron-moh-convert = megatron_moh.commands.convert_checkpoint:main",
             "megatron-moh-preprocess = megatron_moh.commands.preprocess_data:main",
             "megatron-moh-train-tokenizer = megatron_moh.commands.train_tokenizer:main",
         ],
@@ -33,7 +34,7 @@ setup(
     extras_require={
         # Transformer Engine builds against CUDA on a GPU machine; see README, "Optional extras".
         "te": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8", "pytest-timeout", "lm-eval>=0.4", "accelerate"],
+        "test": ["pytest>=8", "pytest-timeout", "lm-eval>=0.4", "accelerate", "ruff"],
         "eval": ["lm-eval>=0.4"],
     },
 )

@@ -221,7 +221,8 @@ def _check_optimizer_reshard(path: Path, state: dict, saved: Any, args: Any) -> 
     if getattr(args, "no_load_optim", False) or "optimizer" not in state:
         return
     sharding = (state.get("content_metadata") or {}).get("distrib_optim_sharding_type")
-    saved_dist, now_dist = bool(getattr(saved, "use_distributed_optimizer", False)), bool(args.use_distributed_optimizer)
+    saved_dist = bool(getattr(saved, "use_distributed_optimizer", False))
+    now_dist = bool(args.use_distributed_optimizer)
     fresh = "or pass --no-load-optim (the weights load, the optimizer starts fresh)"
     if saved_dist != now_dist:
         raise CheckpointError(

@@ -18,7 +18,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
@@ -42,8 +46,8 @@ class TransformerEngineMissing(RuntimeError):
 def have_transformer_engine() -> bool:
     """Whether Transformer Engine imports; a half-installed TE raises more than ImportError."""
     try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
+        import transformer_engine.pytorch  # noqa: F401 - the import is the probe
+    except Exception:  # noqa: BLE001 - a half-installed TE raises RuntimeError and others
         return False
     return True
 

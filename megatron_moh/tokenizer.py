@@ -176,7 +176,7 @@ def vocab_fingerprint(tokenizer: Any) -> str | None:
     """
     try:
         vocab = tokenizer.vocab
-    except Exception:  # NullTokenizer and friends have no vocabulary to list
+    except Exception:  # noqa: BLE001 - NullTokenizer and friends have no vocabulary to list
         return None
     if isinstance(vocab, dict):
         return pieces_fingerprint(piece for piece, _ in sorted(vocab.items(), key=lambda kv: kv[1]))

@@ -72,7 +72,7 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = 240, **kw
                 else:
                     errors.append(f"rank {rank}:\n{payload}")
                     break
-        except Exception as exc:  # queue.Empty on timeout
+        except Exception as exc:  # noqa: BLE001 - queue.Empty on timeout, reported below
             errors.append(f"timed out after {timeout}s waiting for workers ({exc!r})")
         finally:
             for p in procs:

@@ -1,9 +1,9 @@
 """Imported once by the test forkserver so forked workers start with torch and megatron loaded."""
 
-import torch  # noqa: F401
+import torch
 
-import megatron.core  # noqa: F401
-from megatron.core import parallel_state  # noqa: F401
-from megatron.core.models.gpt import GPTModel  # noqa: F401
+import megatron.core
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
 
-import megatron_moh.model  # noqa: F401
+import megatron_moh.model

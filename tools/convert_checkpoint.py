@@ -1,4 +1,4 @@
-"""Convert between megatron-moh checkpoints and Hugging Face directories (see megatron_moh.commands.convert_checkpoint)."""
+"""Convert between megatron-moh checkpoints and Hugging Face directories (megatron_moh.commands.convert_checkpoint)."""
 
 from megatron_moh.commands.convert_checkpoint import main
 

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = commands.add_parser("import-hf", help="Hugging Face Llama / MoH-Llama -> megatron checkpoint")
     imp.add_argument("--hf", required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
-    imp.add_argument("--out", required=True, help="checkpoint directory to write (then: pretrain_moh.py --load OUT --finetune)")
+    imp.add_argument("--out", required=True,
+                     help="checkpoint directory to write (then: pretrain_moh.py --load OUT --finetune)")
     imp.add_argument("--layout", choices=["dense", "published", "custom"], default=None,
                      help="MoH layout for a plain Llama: 'dense' (every head shared: the same function), "
                           "'published' (50%% shared, 25%% routed-active, query-norm router), or 'custom' "

@@ -138,7 +138,8 @@ def _import_args(hf_config: Any, config_kwargs: dict, model_kwargs: dict, hf_dir
 
     from megatron_moh.arguments import parse_megatron_args
 
-    has_tokenizer = any((hf_dir / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    has_tokenizer = any((hf_dir / name).exists() for name in tokenizer_files)
     tokenizer = (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf_dir.resolve())]
                  if has_tokenizer else ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(hf_config.vocab_size)])
     c = config_kwargs
@@ -268,7 +269,8 @@ def finetune_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--group-query-attention", "--num-query-groups", args.num_query_groups]
     flags += ["--kv-channels", effective_arg(args, "kv_channels"), "--max-position-embeddings",
               args.max_position_embeddings, "--rotary-base", _number(args.rotary_base),
-              "--norm-epsilon", args.layernorm_epsilon, "--make-vocab-size-divisible-by", args.make_vocab_size_divisible_by,
+              "--norm-epsilon", args.layernorm_epsilon,
+              "--make-vocab-size-divisible-by", args.make_vocab_size_divisible_by,
               "--tensor-model-parallel-size", args.tensor_model_parallel_size,
               "--pipeline-model-parallel-size", args.pipeline_model_parallel_size]
     if getattr(args, "moh_dense_baseline", False):

@@ -184,7 +184,7 @@ def prepare_builtin_dataset_distributed(
     if dist.get_rank() == 0:
         try:
             prepare_builtin_dataset(cache_dir, vocab_size, **kwargs)
-        except Exception as err:  # handed to every rank below, then raised everywhere
+        except Exception as err:  # noqa: BLE001 - handed to every rank below, then raised everywhere
             message[0] = f"{type(err).__name__}: {err}"
     dist.broadcast_object_list(message, src=0)
     if message[0] is not None:

@@ -115,7 +115,7 @@ def _prefill_adam_state(optimizer: torch.optim.Optimizer) -> None:
 
 def _prefilled(sharded_state_dict: Any) -> Any:
     @functools.wraps(sharded_state_dict)
-    def sharded_state_dict_prefilled(self, model_sharded_state_dict={}, is_loading=False,  # noqa: B006
+    def sharded_state_dict_prefilled(self, model_sharded_state_dict={}, is_loading=False,  # noqa: B006 - megatron's own signature
                                      sharding_type=None, metadata=None):
         if is_loading and _torch_adam_fallback(self.optimizer) and not self.optimizer.state:
             _prefill_adam_state(self.optimizer)

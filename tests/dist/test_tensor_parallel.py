@@ -115,7 +115,8 @@ def test_tensor_parallel_matches_one_process(tp, sp, router, groups, impl):
         for key in ("out", "x_grad", "qkv_grad", "proj_grad", "router_grad"):
             if key in ref:
                 tol = TOL if impl == "dense" else SPARSE_TOL
-                torch.testing.assert_close(res[key], ref[key], **tol, msg=lambda m: f"rank {rank} {key}: {m}")
+                torch.testing.assert_close(res[key], ref[key], **tol,
+                                           msg=lambda m, rank=rank, key=key: f"rank {rank} {key}: {m}")
         if "router_after_steps" in ref:
             after = res["router_after_steps"]
             for other in after[1:]:

@@ -35,8 +35,9 @@ def run_worker(rank: int, world: int, argv: list[str], signal_at: int | None = N
                overtime_at: int | None = None) -> dict[str, Any]:
     """Launcher target: one rank of ``pretrain_moh.py argv``. Returns its stdout, exit code (None when
     main() returned) and ``losses``: (iteration, summed token loss) per training micro-batch on this
-    rank (ranks of the last pipeline stage), iterations counted from 0. ``signal_at``: this process gets SIGTERM during that iteration (a
-    scheduler's preemption); ``overtime_at``: from that iteration on, training seems to have started
+    rank (ranks of the last pipeline stage), iterations counted from 0. ``signal_at``: this process
+    gets SIGTERM during that iteration (a scheduler's preemption); ``overtime_at``: from that
+    iteration on, training seems to have started
     an hour ago (for --exit-duration-in-mins)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import pretrain_moh

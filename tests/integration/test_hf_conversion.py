@@ -76,7 +76,8 @@ LOADER = textwrap.dedent('''
     import lm_eval
     from lm_eval.tasks import TaskManager
     scored = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={job['lm_eval_model']},trust_remote_code=True,dtype=float32,add_bos_token=True",
+        model="hf",
+        model_args=f"pretrained={job['lm_eval_model']},trust_remote_code=True,dtype=float32,add_bos_token=True",
         tasks=[job["task"]], task_manager=TaskManager(include_path=job["task_dir"]), log_samples=True,
         batch_size=1, device="cpu")
     results["lm_eval"] = dict(
@@ -118,7 +119,8 @@ def trained(tmp_path_factory, data):
     for name, flags in ROUTERS.items():
         root = tmp_path_factory.mktemp(f"ckpt-{name}")
         launch(run_worker, 4, [*TRAIN, *flags, "--data-path", prefix, "--tokenizer-type", "GPTSentencePieceTokenizer",
-                               "--tokenizer-model", tokenizer, "--save", str(root), "--save-interval", "3"], timeout=600)
+                               "--tokenizer-model", tokenizer, "--save", str(root), "--save-interval", "3"],
+               timeout=600)
         saved[name] = root
     return saved
 
@@ -286,7 +288,8 @@ def test_imported_llama_continues_training_with_finetune(imported_dense, tmp_pat
     tuned = tmp_path / "tuned"
     flags = finetune_flags(checkpoint.read_checkpoint_args(imported_dense))
     assert flags[flags.index("--tensor-model-parallel-size") + 1] == "2"
-    assert flags[flags.index("--tokenizer-type"):][:4] == ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB)]
+    tokenizer_flags = flags[flags.index("--tokenizer-type"):][:4]
+    assert tokenizer_flags == ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB)]
     results = launch(run_worker, 2, [
         *flags, "--mock-data", "--seq-length", str(SEQ), "--micro-batch-size", "4", "--global-batch-size", "8",
         "--train-iters", "2", "--lr", "1e-3", "--lr-warmup-iters", "0", "--eval-iters", "0", "--log-interval", "1",

@@ -47,7 +47,8 @@ def test_tensorboard_has_moh_metrics(tmp_path):
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     events.Reload()
     tags = events.Tags()
-    for scalar in ["lm loss", "moh_load_balance_loss"] + [f"moe/moh_load_balance_loss_layer_{i}" for i in range(LAYERS)]:
+    per_layer = [f"moe/moh_load_balance_loss_layer_{i}" for i in range(LAYERS)]
+    for scalar in ["lm loss", "moh_load_balance_loss", *per_layer]:
         assert scalar in tags["scalars"], scalar
     assert sorted(tags["histograms"]) == [f"moh/head_usage_layer_{i}" for i in range(LAYERS)]
     assert tags["images"] == ["moh/head_usage_heatmap"]
@@ -64,8 +65,8 @@ def test_tensorboard_has_moh_metrics(tmp_path):
         assert logged.step == 4
         hist = logged.histogram_value
         assert hist.num == ROUTED
-        torch.testing.assert_close(torch.tensor([hist.min, hist.max, hist.sum, hist.sum_squares]),
-                                   torch.stack([expected.min(), expected.max(), expected.sum(), (expected**2).sum()]),
-                                   rtol=0, atol=1e-6)
+        summary = torch.tensor([hist.min, hist.max, hist.sum, hist.sum_squares], dtype=torch.float64)
+        torch.testing.assert_close(summary, torch.stack([expected.min(), expected.max(), expected.sum(),
+                                                         (expected**2).sum()]), rtol=0, atol=1e-6)
         peak = events.Scalars(f"moh/head_usage_max_layer_{layer}")[-1].value
         assert abs(peak - expected.max().item()) < 1e-6

@@ -16,7 +16,8 @@ REL_TOL = 5e-5  # fp32 losses, printed to 7 significant digits; reduction order 
 @pytest.fixture(scope="module")
 def initial_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("init")
-    launch(pretrain_worker, 1, SMALL_MODEL + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", str(path), "--save-interval", "1"])
+    launch(pretrain_worker, 1, SMALL_MODEL + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", str(path),
+                                             "--save-interval", "1"])
     return path
 
 

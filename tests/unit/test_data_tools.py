@@ -341,16 +341,17 @@ def test_blend_per_split_and_mock_data(tmp_path, tokenizer_400):
 
 
 def test_console_scripts_and_tool_wrappers_run_the_commands():
-    """setup.py installs both data commands, and tools/*.py (the README's commands) run the same
-    main() without any sys.path edits."""
+    """setup.py installs the commands as console scripts, and tools/*.py (the README's commands)
+    run the same main() without any sys.path edits."""
     setup_py = (REPO / "setup.py").read_text()
     scripts = dict(re.findall(r'"([\w-]+) = ([\w.]+:\w+)"', setup_py))
     assert scripts["megatron-moh-preprocess"] == "megatron_moh.commands.preprocess_data:main"
     assert scripts["megatron-moh-train-tokenizer"] == "megatron_moh.commands.train_tokenizer:main"
+    assert scripts["megatron-moh-convert"] == "megatron_moh.commands.convert_checkpoint:main"
     for target in scripts.values():
         module, name = target.split(":")
         assert callable(getattr(importlib.import_module(module), name)), target
-    for tool in ("preprocess_data", "train_tokenizer"):
+    for tool in ("preprocess_data", "train_tokenizer", "convert_checkpoint"):
         assert "sys.path" not in (REPO / "tools" / f"{tool}.py").read_text()
         assert _fresh_python(f"tools/{tool}.py", "--help").startswith(f"usage: {tool}.py")
 
@@ -406,7 +407,7 @@ def test_prepare_builtin_dataset_builds_once_and_races_safely(tmp_path):
     def prepare():
         try:
             results.append(corpus.prepare_builtin_dataset(str(tmp_path), vocab_size=512))
-        except Exception as err:  # surfaced by the assert below
+        except Exception as err:  # noqa: BLE001 - surfaced by the assert below
             errors.append(err)
 
     threads = [threading.Thread(target=prepare) for _ in range(2)]

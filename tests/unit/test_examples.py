@@ -41,5 +41,7 @@ def test_launch_flags_parse(script, model):
 
 def test_paper_hyper_parameters():
     args = parse_megatron_args(_flags(SCRIPTS[0], "moh_llm_b"), validate=False)
-    assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads, args.kv_channels) == (24, 1536, 4096, 16, 96)
-    assert (args.lr, args.min_lr, args.lr_warmup_iters, args.weight_decay, args.clip_grad) == (5e-4, 5e-5, 500, 0.1, 1.0)
+    shape = (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads, args.kv_channels)
+    assert shape == (24, 1536, 4096, 16, 96)
+    recipe = (args.lr, args.min_lr, args.lr_warmup_iters, args.weight_decay, args.clip_grad)
+    assert recipe == (5e-4, 5e-5, 500, 0.1, 1.0)

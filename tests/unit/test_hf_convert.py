@@ -6,8 +6,20 @@ import pytest
 import torch
 
 from megatron_moh.conversion import ConversionError
-from megatron_moh.conversion.hf_configs import MoHLayout, dense_llama_config, is_dense, megatron_config_kwargs, megatron_model_kwargs, moh_hf_config
-from megatron_moh.conversion.hf_files import import_hf_checkpoint, load_hf_state_dict, save_dense_hf_checkpoint, save_hf_checkpoint
+from megatron_moh.conversion.hf_configs import (
+    MoHLayout,
+    dense_llama_config,
+    is_dense,
+    megatron_config_kwargs,
+    megatron_model_kwargs,
+    moh_hf_config,
+)
+from megatron_moh.conversion.hf_files import (
+    import_hf_checkpoint,
+    load_hf_state_dict,
+    save_dense_hf_checkpoint,
+    save_hf_checkpoint,
+)
 from megatron_moh.conversion.weights import hf_to_megatron, megatron_to_hf
 from megatron_moh.model import build_gpt_model, llama_moh_config
 from megatron_moh.hf import MoHLlamaConfig
@@ -114,10 +126,11 @@ def test_hf_config_defaults_match_megatron_defaults(heads):
     """Both sides fill the same MoH layout from the head count alone (or both refuse it)."""
     layouts = set()
     for router in ("learned", "query_norm"):
-        hf = _layout_or_refusal(lambda: MoHLlamaConfig(hidden_size=8 * heads, num_attention_heads=heads,
-                                                       num_hidden_layers=2, intermediate_size=128, moh_router=router))
-        megatron = _layout_or_refusal(lambda: tiny_config(moh_router=router, hidden_size=8 * heads,
-                                                          num_attention_heads=heads, num_query_groups=heads))
+        hf = _layout_or_refusal(lambda router=router: MoHLlamaConfig(
+            hidden_size=8 * heads, num_attention_heads=heads, num_hidden_layers=2, intermediate_size=128,
+            moh_router=router))
+        megatron = _layout_or_refusal(lambda router=router: tiny_config(
+            moh_router=router, hidden_size=8 * heads, num_attention_heads=heads, num_query_groups=heads))
         assert hf == megatron, (router, hf, megatron)
         layouts.add(hf)
     assert any(layout != "refused" for layout in layouts)
@@ -216,7 +229,7 @@ def test_saved_checkpoint_layout(tmp_path, tied):
     # The modeling files are self-contained: only torch, transformers and each other.
     for name in ("configuration_moh.py", "modeling_moh.py"):
         text = (out / name).read_text()
-        assert "megatron" not in "\n".join(l for l in text.splitlines() if l.startswith(("import", "from")))
+        assert "megatron" not in "\n".join(line for line in text.splitlines() if line.startswith(("import", "from")))
     reread = load_hf_state_dict(out)
     assert reread.keys() == megatron_to_hf(original, cfg).keys()
     again = import_hf_checkpoint(out)

@@ -114,11 +114,10 @@ def test_head_usage_counts_routing_slots(router, gate):
     cfg = tiny_config(moh_router=router, moh_gate=gate, moh_topk=2)
     torch.manual_seed(4)
     seen = []
-    hook = lambda module, args, gates: seen.append(gates.detach().clone())  # noqa: E731
     x = torch.randn(SEQ, BATCH, cfg.hidden_size)
     attn = build_attention(cfg)
     attn.train()
-    attn.router.register_forward_hook(hook)
+    attn.router.register_forward_hook(lambda module, args, gates: seen.append(gates.detach().clone()))
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     for _ in range(2):  # usage accumulates over forwards until it is reset
         out, _ = attn(x.clone().requires_grad_(True), attention_mask=None, rotary_pos_emb=rotary(cfg, SEQ))
@@ -165,4 +164,5 @@ def test_head_sparse_layer_equals_dense_layer(router, dtype, tol):
         grads[impl] = {"out": out, "x": x_grad, **{n: p.grad for n, p in attn.named_parameters()}}
     assert grads["dense"].keys() == grads["sparse"].keys()
     for name, dense in grads["dense"].items():
-        torch.testing.assert_close(grads["sparse"][name].float(), dense.float(), **tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads["sparse"][name].float(), dense.float(), **tol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
