@@ -22,6 +22,8 @@ from tests.integration.checkpoint_runner import kill_during_save, run_worker
 from tests.integration.pretrain_runner import SMALL_MODEL, exit_message_worker
 from tests.launcher import launch
 
+pytestmark = pytest.mark.slow  # trains several small runs (a minute or more on two cores)
+
 # Dropout on, so the RNG states must come back too; GQA on, as in Llama.
 MODEL = SMALL_MODEL + ["--group-query-attention", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 ITERS, SAVE_AT = 6, 3

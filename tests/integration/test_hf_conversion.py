@@ -26,6 +26,8 @@ from tests.hf_support import megatron_logits, run_offline
 from tests.integration.checkpoint_runner import run_worker
 from tests.launcher import launch
 
+pytestmark = pytest.mark.slow  # trains several small runs (a minute or more on two cores)
+
 
 VOCAB, SEQ = 512, 64
 TOL = dict(rtol=0, atol=1e-5)

@@ -12,6 +12,7 @@ def data_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("moh-data"))
 
 
+@pytest.mark.slow
 def test_builtin_default_learns_real_text(data_cache):
     argv = ["--moh-data-cache", data_cache, "--train-iters", "60", "--lr-warmup-iters", "10",
             "--eval-iters", "0", "--log-interval", "5"]
