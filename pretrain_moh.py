@@ -4,11 +4,14 @@
     torchrun --nproc-per-node 4 pretrain_moh.py --tensor-model-parallel-size 2 \\
         --pipeline-model-parallel-size 2 --data-path my_text_document --tokenizer-model tok.model
 
-Every Megatron-LM flag works as in Megatron-LM; --moh-* flags set the mixture of heads.
+Every Megatron-LM flag works as in Megatron-LM, or is refused with one line; --moh-* flags set
+the mixture of heads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from collections.abc import Sequence
 
@@ -26,19 +29,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     from megatron.training.global_vars import set_global_variables
 
     from megatron_moh import metrics, preflight
-    from megatron_moh.arguments import TINY_MODEL, parse_megatron_args
-    from megatron_moh.data.corpus import with_builtin_data
+    from megatron_moh.arguments import TINY_MODEL, parse_megatron_args, validate_megatron_args
+    from megatron_moh.data.corpus import use_builtin_data
     from megatron_moh.patches import checkpointing
     from megatron_moh.train import datasets_provider, forward_step, model_provider
 
     checkpointing.install()  # before --use-checkpoint-args can read a checkpoint during parsing
-    argv = with_builtin_data(list(sys.argv[1:] if argv is None else argv))
+    args = parse_megatron_args(sys.argv[1:] if argv is None else argv, validate=False)
+    preflight.check_values(args)
+    use_builtin_data(args)
+    # megatron prints its view of the arguments while validating; show it once the checks passed.
+    report = io.StringIO()
     try:
-        args = parse_megatron_args(argv, TINY_MODEL)
+        with contextlib.redirect_stdout(report):
+            validate_megatron_args(args, TINY_MODEL)
+            preflight.check_args(args)
     except AssertionError as err:  # megatron's argument checks, e.g. impossible batch sizes
-        raise SystemExit(f"{preflight.PROG}: error: {err}") from None
+        raise SystemExit(f"{preflight.PROG}: error: {preflight.explain_assertion(err)}") from None
+    sys.stdout.write(report.getvalue())
     set_global_variables(args)
-    preflight.check_args(args)
     metrics.install()
     pretrain(
         pretrain_cfg_container_from_args(args),

@@ -15,6 +15,8 @@ from typing import Any
 
 from megatron_moh import platform
 
+PROG = "pretrain_moh.py"
+
 # Llama's architecture (RMSNorm, SwiGLU, RoPE, no biases, untied embeddings, no dropout), in
 # Megatron-LM's argument names. `megatron_moh.model.llama_moh_config` reads the same table.
 LLAMA_ARCHITECTURE = dict(
@@ -115,9 +117,12 @@ def _escape_stray_percent(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser_for(argv: Sequence[str], parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """megatron's ``extra_args_provider``: the MoH flags, and ``argv`` in place of ``sys.argv``."""
+    """megatron's ``extra_args_provider``: the MoH flags, ``argv`` in place of ``sys.argv``, and
+    usage errors in one line (argparse would print megatron's 900-line usage first)."""
     add_moh_args(parser)
     _escape_stray_percent(parser)
+    parser.prog = PROG
+    parser.error = lambda message: parser.exit(2, f"{PROG}: error: {message}\n")  # type: ignore[method-assign]
     argv = list(argv)
     parse_known_args = parser.parse_known_args
     parser.parse_known_args = lambda args=None, namespace=None: parse_known_args(  # type: ignore[method-assign]
@@ -129,20 +134,25 @@ def parse_megatron_args(argv: Sequence[str], defaults: Mapping[str, Any] | None 
                         validate: bool = True) -> argparse.Namespace:
     """Megatron-LM's arguments (plus ``--moh-*``) from ``argv``, without touching ``sys.argv``.
 
-    ``defaults`` fill what ``argv`` leaves unset (megatron's ``args_defaults``). With
-    ``validate``, megatron's ``--use-checkpoint-args`` and ``validate_args`` run as in
-    ``parse_and_validate_args``; no global state is set.
+    With ``validate``, `validate_megatron_args` runs too (``defaults`` fill what ``argv`` left
+    unset). No global state is set.
     """
-    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.arguments import parse_args
 
     args = parse_args(extra_args_provider=functools.partial(_parser_for, argv))
-    if not validate:
-        return args
+    return validate_megatron_args(args, defaults) if validate else args
+
+
+def validate_megatron_args(args: argparse.Namespace, defaults: Mapping[str, Any] | None = None) -> argparse.Namespace:
+    """megatron's ``--use-checkpoint-args`` and ``validate_args``, as ``parse_and_validate_args``
+    runs them; ``defaults`` are megatron's ``args_defaults``."""
+    from megatron.training.arguments import validate_args
+
     if args.use_checkpoint_args:
         from megatron.training.checkpointing import load_args_from_checkpoint
 
         if args.load is None and args.pretrained_checkpoint is None:
-            raise SystemExit("pretrain_moh.py: error: --use-checkpoint-args needs --load or --pretrained-checkpoint")
+            raise SystemExit(f"{PROG}: error: --use-checkpoint-args needs --load or --pretrained-checkpoint")
         load_args_from_checkpoint(args, load_arg="pretrained_checkpoint")
         load_args_from_checkpoint(args)
     validate_args(args, dict(defaults or {}))

@@ -214,6 +214,7 @@ def check_load(args: argparse.Namespace) -> None:
         raise CheckpointError(f"--load {path} holds another model: {'; '.join(problems)}{hint}")
     if not finetune:
         _check_optimizer_reshard(path, state, saved, args)
+        _check_schedule(path, saved, args)
 
 
 def _check_optimizer_reshard(path: Path, state: dict, saved: Any, args: Any) -> None:
@@ -237,3 +238,48 @@ def _check_optimizer_reshard(path: Path, state: dict, saved: Any, args: Any) -> 
             f"megatron's {sharding} format, whose optimizer state only loads at the same TP and PP (any DP): "
             f"load it at TP={saved_layout[0]} PP={saved_layout[1]} {fresh}; runs saved with "
             f"--dist-ckpt-optim-fully-reshardable reshard their optimizer state too")
+
+
+def _lr_schedule(args: Any) -> dict[str, Any]:
+    """The values megatron's OptimizerParamScheduler compares on load, as megatron derives them."""
+    gbs = args.global_batch_size
+    if args.train_iters:
+        decay = (args.lr_decay_iters or args.train_iters) * gbs
+        wd_steps = args.train_iters * gbs
+        warmup = args.lr_warmup_iters * gbs
+    else:
+        decay = args.lr_decay_samples or args.train_samples
+        wd_steps = args.train_samples
+        warmup = args.lr_warmup_samples
+    if getattr(args, "lr_warmup_fraction", None) is not None:
+        warmup = args.lr_warmup_fraction * decay
+    return {"learning rate": args.lr, "minimum learning rate": args.min_lr, "warmup steps": warmup,
+            "decay steps": decay, "decay style": args.lr_decay_style,
+            "weight decay": (args.start_weight_decay, args.end_weight_decay, args.weight_decay_incr_style, wd_steps)}
+
+
+# The flags behind each scheduler value, for the message.
+_SCHEDULE_FLAGS = ("lr", "min_lr", "lr_warmup_iters", "lr_warmup_samples", "lr_warmup_fraction", "lr_decay_iters",
+                   "lr_decay_samples", "train_iters", "train_samples", "global_batch_size", "lr_decay_style",
+                   "weight_decay", "start_weight_decay", "end_weight_decay", "weight_decay_incr_style")
+
+
+def _check_schedule(path: Path, saved: Any, args: Any) -> None:
+    """Resuming with another learning-rate schedule trips a bare assertion in megatron's scheduler
+    after start-up; say which flag differs and how to choose a schedule instead."""
+    if args.no_load_optim or args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+        return
+    try:
+        before, now = _lr_schedule(saved), _lr_schedule(args)
+    except (AttributeError, TypeError):
+        return  # a run saved without these arguments: megatron decides
+    if before == now:
+        return
+    if saved.lr_decay_iters == saved.train_iters and args.lr_decay_iters is None:
+        saved = argparse.Namespace(**{**vars(saved), "lr_decay_iters": None})  # megatron filled it in
+    changed = [f"--{name.replace('_', '-')} {getattr(saved, name, None)} -> {getattr(args, name, None)}"
+               for name in _SCHEDULE_FLAGS if getattr(saved, name, None) != getattr(args, name, None)]
+    raise CheckpointError(
+        f"--load {path} continues another learning-rate schedule ({', '.join(changed) or 'derived values differ'}): "
+        f"pass --override-opt_param-scheduler to follow this run's flags, or --use-checkpoint-opt_param-scheduler "
+        f"to keep the checkpoint's schedule")

@@ -1,27 +1,132 @@
 """Checks a run's arguments before any process group starts or any model is built.
 
-Everything that would otherwise fail late (after start-up, or after training ran) or silently
-(training on the wrong data) is refused here with one line that says what to change.
+Everything that would otherwise fail late (after start-up, or after training ran), fail with one
+of megatron's bare assertions, or go wrong silently (training on the wrong data) is refused here
+with one line that says what to change. `check_values` runs on the parsed flags before megatron's
+own validation; `check_args` on the validated arguments, before the tokenizer, TensorBoard or any
+process group exists.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import traceback
+from pathlib import Path
+from typing import Any
 
+from megatron_moh.arguments import PROG
 from megatron_moh.checkpoint import CheckpointError, check_load
 from megatron_moh.config import MoHConfigError, check_moh_config, resolve_moh_defaults
+from megatron_moh.outputs import unwritable_reason
 from megatron_moh.specs import TransformerEngineMissing, require_transformer_engine
 
-PROG = "pretrain_moh.py"
+# Counts and sizes that must be at least 1 when given (None: megatron or the project fills them).
+POSITIVE = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "seq_length", "max_position_embeddings", "micro_batch_size", "global_batch_size", "train_iters",
+    "train_samples", "save_interval", "log_interval", "eval_interval", "tensor_model_parallel_size",
+    "pipeline_model_parallel_size", "context_parallel_size", "expert_model_parallel_size", "vocab_size",
+    "make_vocab_size_divisible_by", "num_experts", "moe_router_topk",
+)
+# Rates, counts and scales that may be 0 but never negative.
+NON_NEGATIVE = (
+    "lr", "min_lr", "lr_warmup_iters", "lr_warmup_samples", "lr_decay_iters", "weight_decay", "clip_grad",
+    "eval_iters", "init_method_std", "moh_load_balance_coeff", "moe_aux_loss_coeff", "exit_interval",
+)
+PROBABILITIES = ("hidden_dropout", "attention_dropout", "lr_warmup_fraction")
+
+# Megatron-LM flags this stack cannot honour, and why; refused rather than silently ignored.
+UNSUPPORTED = {
+    "multi_latent_attention": "multi-latent attention (MLA) has no mixture-of-heads variant here; MoH is built on "
+                              "megatron's SelfAttention: drop --multi-latent-attention",
+    "heterogeneous_layers_config_path": "heterogeneous layer configs build megatron's own layers, not MoH: drop "
+                                        "--heterogeneous-layers-config-path",
+}
+
+_SENTENCEPIECE = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """Refuse impossible numbers before megatron's validation asserts on some of them without a
+    message and lets others through to fail after start-up."""
+    problems = []
+    for field in POSITIVE:
+        value = getattr(args, field, None)
+        if value is not None and value < 1:
+            problems.append(f"{_flag(field)} {value} must be at least 1")
+    for field in NON_NEGATIVE:
+        value = getattr(args, field, None)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            problems.append(f"{_flag(field)} {value} must be a finite number, 0 or more")
+    for field in PROBABILITIES:
+        value = getattr(args, field, None)
+        if value is not None and not 0 <= value < 1:
+            problems.append(f"{_flag(field)} {value} must be in [0, 1)")
+    if args.save and args.save_interval is None:
+        problems.append("--save needs --save-interval N (a checkpoint every N iterations; one is also written "
+                        "on --exit-interval, --exit-duration-in-mins or a signal with --exit-signal-handler)")
+    if args.lr is not None and args.min_lr is not None and args.min_lr > args.lr:
+        problems.append(f"--min-lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr to --min-lr")
+    for field, why in UNSUPPORTED.items():
+        if getattr(args, field, None):
+            problems.append(why)
+    if problems:
+        raise SystemExit(f"{PROG}: error: {problems[0]}")
+
+
+def explain_assertion(err: AssertionError) -> str:
+    """One line for one of megatron's argument assertions; a bare one is quoted from its source."""
+    message = str(err).strip().splitlines()
+    if message:
+        return message[0]
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    return (f"megatron refused the arguments at {Path(frame.filename).name}:{frame.lineno} "
+            f"(`{frame.line}`): change the flag it names")
+
+
+def _check_writable(flag: str, path: str | None) -> None:
+    reason = unwritable_reason(path) if path else None
+    if reason:
+        raise SystemExit(f"{PROG}: error: {flag} {path}: {reason}: choose a directory you can write to")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse outputs that would fail at the first save or log, after training ran."""
+    _check_writable("--save", args.save)
+    _check_writable("--tensorboard-dir", args.tensorboard_dir)
+    _check_writable("--data-cache-path", args.data_cache_path)
+    if args.save and args.ckpt_format == "torch":
+        raise SystemExit(f"{PROG}: error: --ckpt-format torch writes megatron's legacy format, which this project "
+                         f"does not load back (it reads torch_dist checkpoints only, safely): use "
+                         f"--ckpt-format torch_dist (the default)")
+
+
+def build_checked_tokenizer(args: argparse.Namespace) -> Any:
+    """megatron's tokenizer for ``args`` (this also sets ``args.padded_vocab_size``), after a
+    one-line check that a sentencepiece model file is one."""
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+
+    from megatron_moh.tokenizer import TokenizerError, check_tokenizer_model
+
+    if args.tokenizer_type in _SENTENCEPIECE:
+        try:
+            check_tokenizer_model(args.tokenizer_model)
+        except TokenizerError as err:
+            raise SystemExit(f"{PROG}: error: --tokenizer-model: {err}") from None
+    return build_tokenizer(args)
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Exit with a one-line message for impossible MoH settings, unusable data or an unusable
-    ``--load`` checkpoint."""
-    from megatron.training import get_tokenizer
-
+    """Exit with a one-line message for impossible MoH settings, unwritable outputs, unusable data
+    or an unusable ``--load`` checkpoint."""
     from megatron_moh.data.validation import DataError, validate_data
 
+    check_outputs(args)
     try:
         if args.fp8:
             require_transformer_engine(f"--fp8-format {args.fp8}")
@@ -29,8 +134,9 @@ def check_args(args: argparse.Namespace) -> None:
             require_transformer_engine("--transformer-impl transformer_engine")
         resolve_moh_defaults(args)
         check_moh_config(args)
+        tokenizer = build_checked_tokenizer(args)
         if args.data_path is not None:
-            validate_data(args.data_path, get_tokenizer(), split=args.split)
+            validate_data(args.data_path, tokenizer, split=args.split)
         check_load(args)
     except (MoHConfigError, DataError, TransformerEngineMissing, CheckpointError) as err:
         raise SystemExit(f"{PROG}: error: {err}") from None

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_moh.commands import OneLineParser
+
 PROG = "convert_checkpoint.py"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The two subcommands and their options."""
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     export = commands.add_parser("export-hf", help="megatron checkpoint -> Hugging Face directory")
@@ -88,11 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_moh.checkpoint import CheckpointError, read_checkpoint_args
     from megatron_moh.conversion import ConversionError
     from megatron_moh.conversion.hf_checkpoint import export_hf, finetune_flags, import_hf
+    from megatron_moh.outputs import describe_os_error
 
     try:
         if opts.command == "export-hf":
             out = export_hf(opts.load, opts.out, dense=opts.dense, tokenizer_model=opts.tokenizer_model,
-                                       overwrite=opts.overwrite, max_shard_size=opts.max_shard_size)
+                            overwrite=opts.overwrite, max_shard_size=opts.max_shard_size)
         else:
             out = import_hf(
                 opts.hf, opts.out, layout=layout, tensor_parallel=opts.tensor_model_parallel_size,
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                 dtype=getattr(torch, DTYPES[opts.dtype]) if opts.dtype else None, overwrite=opts.overwrite)
     except (CheckpointError, ConversionError) as err:
         raise SystemExit(f"{PROG}: error: {err}") from None
+    except OSError as err:
+        raise SystemExit(f"{PROG}: error: {describe_os_error(err)}") from None
     print(f"{PROG}: wrote {out}")
     if opts.command == "import-hf":
         import shlex

@@ -12,16 +12,19 @@ PREFIX.meta.json that records the tokenizer, so training can check the pairing. 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_moh import tokenizer
+from megatron_moh.commands import OneLineParser
 from megatron_moh.data import preprocess
 from megatron_moh.data.validation import DataError
+from megatron_moh.outputs import describe_os_error, removed_on_failure
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; argument names follow Megatron-LM's tools/preprocess_data.py."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="preprocess_data.py", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
@@ -52,17 +55,21 @@ def main(argv: list[str] | None = None) -> int:
         preprocess.check_output_prefix(args.output_prefix, args.overwrite)
         progress = not args.no_progress
         total = preprocess.count_documents(args.input, args.txt_mode) if progress else None
-        stats = preprocess.preprocess_documents(
-            preprocess.iter_documents(args.input, args.json_key, args.txt_mode),
-            args.output_prefix,
-            args.tokenizer_model,
-            workers=args.workers,
-            append_eod=args.append_eod,
-            overwrite=args.overwrite,
-            progress=progress,
-            total=total,
-        )
-    except (ValueError, OSError) as err:
+        with removed_on_failure(os.path.dirname(os.path.abspath(args.output_prefix))):
+            stats = preprocess.preprocess_documents(
+                preprocess.iter_documents(args.input, args.json_key, args.txt_mode),
+                args.output_prefix,
+                args.tokenizer_model,
+                workers=args.workers,
+                append_eod=args.append_eod,
+                overwrite=args.overwrite,
+                progress=progress,
+                total=total,
+            )
+    except OSError as err:
+        print(f"{parser.prog}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+    except ValueError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     print(

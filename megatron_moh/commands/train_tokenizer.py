@@ -16,12 +16,14 @@ import sys
 import time
 
 from megatron_moh import tokenizer
+from megatron_moh.commands import OneLineParser
 from megatron_moh.data import corpus, preprocess
+from megatron_moh.outputs import describe_os_error, removed_on_failure, unwritable_reason
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; argument names follow Megatron-LM's tools where it has them."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="train_tokenizer.py", description=__doc__.split("\n\n")[0]
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -57,16 +59,25 @@ def main(argv: list[str] | None = None) -> int:
             raise tokenizer.TokenizerError(
                 f"{args.model_prefix}.model already exists; pass --overwrite to replace it"
             )
+        parent = os.path.dirname(os.path.abspath(args.model_prefix))
+        reason = unwritable_reason(parent)
+        if reason:
+            raise tokenizer.TokenizerError(f"--model-prefix {args.model_prefix}: {reason}; choose a writable "
+                                           f"directory")
         start = time.time()
         documents = (
             corpus.builtin_corpus_text() if args.builtin_corpus
             else preprocess.iter_documents(args.input, args.json_key, args.txt_mode)
         )
-        model = tokenizer.train_tokenizer(
-            documents, args.model_prefix, args.vocab_size, overwrite=args.overwrite,
-            seed=args.seed, num_threads=args.num_threads,
-        )
-    except (ValueError, OSError) as err:
+        with removed_on_failure(parent):
+            model = tokenizer.train_tokenizer(
+                documents, args.model_prefix, args.vocab_size, overwrite=args.overwrite,
+                seed=args.seed, num_threads=args.num_threads,
+            )
+    except OSError as err:
+        print(f"{parser.prog}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+    except ValueError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {model} (vocab {args.vocab_size}) in {time.time() - start:.1f} s")

@@ -31,13 +31,18 @@ from megatron_moh.conversion.hf_files import (
 )
 from megatron_moh.conversion.weights import megatron_to_hf
 from megatron_moh.conversion.whole_model import build_model, load_model, one_process_args, single_process_group
+from megatron_moh.outputs import removed_on_failure, share_like_umask, unwritable_reason
 
 SENTENCEPIECE_TOKENIZERS = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
 
 
 def _fresh_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """``out_dir`` as a Path, refusing (before any work) to replace an existing one unless asked."""
+    """``out_dir`` as a Path, refusing (before any work) to replace an existing one unless asked,
+    or one that cannot be written."""
     out = Path(out_dir)
+    reason = unwritable_reason(out)
+    if reason:
+        raise CheckpointError(f"--out {out}: {reason}: choose a directory you can write to")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out} already exists: pass --overwrite to replace it, or choose another directory")
     return out
@@ -46,16 +51,19 @@ def _fresh_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
 @contextlib.contextmanager
 def _written_atomically(out: Path) -> Iterator[Path]:
     """A scratch directory beside ``out`` that replaces ``out`` only once everything is written, so
-    a failed conversion leaves no half-written output (and an overwritten one stays intact)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield scratch
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        scratch.rename(out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    a failed conversion leaves no half-written output (and an overwritten one stays intact, and no
+    directory it had to create stays behind). The result is shared as the user's umask says."""
+    with removed_on_failure(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            yield scratch
+            share_like_umask(scratch)
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            scratch.rename(out)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _model_config(args: argparse.Namespace):
@@ -105,6 +113,13 @@ def export_hf(
     megatron's. The tokenizer is the run's sentencepiece model unless ``tokenizer_model`` says
     otherwise (none for NullTokenizer runs).
     """
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise CheckpointError(f"--max-shard-size {max_shard_size!r} is not a size: use e.g. 5GB, 500MB, or a "
+                              f"number of bytes") from None
     out = _fresh_output_dir(out_dir, overwrite)
     saved = read_checkpoint_args(load_dir)
     tokenizer, tokenizer_kind = _export_tokenizer(saved, tokenizer_model)

@@ -25,6 +25,7 @@ from megatron_moh.conversion import ConversionError
 from megatron_moh.conversion.weights import shape_of
 from megatron_moh.hf.configuration_moh import MoHLlamaConfig
 
+
 @dataclass(frozen=True)
 class MoHLayout:
     """Which heads are shared, how many routed heads a token keeps, and the router and gates."""

@@ -14,6 +14,7 @@ import torch
 
 from megatron_moh.checkpoint import CheckpointError, find_checkpoint, first_line, read_common_state
 
+
 @contextlib.contextmanager
 def single_process_group() -> Iterator[None]:
     """A one-rank gloo group with TP=1/PP=1 model parallelism for the conversion tools; reuses

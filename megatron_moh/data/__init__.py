@@ -1,7 +1,7 @@
 """Text in, megatron-core GPT datasets out; one module per job:
 
 * `corpus`: the built-in corpus (Python's stdlib docstrings), cached as tokenizer + dataset, and
-  the ``pretrain_moh.py`` flags that train on it (`with_builtin_data`);
+  ``pretrain_moh.py`` arguments that train on it (`use_builtin_data`);
 * `preprocess`: read txt/jsonl documents and tokenize them into megatron's ``.bin``/``.idx``;
 * `validation`: `DataError` and the one-line checks of blends, splits and datasets on disk;
 * `datasets`: train/valid/test datasets from megatron-core's builder (`build_gpt_datasets`).

@@ -2,7 +2,7 @@
 
 The docstrings of Python's standard library (`builtin_corpus_text`) are turned once into a
 tokenizer and an indexed dataset kept in a cache directory (`prepare_builtin_dataset`);
-`with_builtin_data` adds them to a ``pretrain_moh.py`` command line that names no data.
+`use_builtin_data` points ``pretrain_moh.py`` arguments that name no data at them.
 """
 
 from __future__ import annotations
@@ -33,11 +33,9 @@ DEFAULT_VOCAB_SIZE = 4096
 _BUILTIN_PREFIX_NAME = "text_document"
 # Directories of the stdlib whose docstrings are test scaffolding or generated boilerplate.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test", "encodings"}
-# Any of these means the user brought data; without them the built-in corpus is used.
-DATA_FLAGS = (
-    "--data-path", "--mock-data", "--train-data-path", "--data-args-path",
-    "--per-split-data-args-path",
-)
+# Any of these (megatron argument names) means the user brought data; without them the built-in
+# corpus is used.
+DATA_ARGS = ("data_path", "mock_data", "train_data_path", "data_args_path", "per_split_data_args_path")
 
 
 def builtin_corpus_text() -> Iterator[str]:
@@ -232,21 +230,16 @@ def _file_lock(path: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def with_builtin_data(argv: list[str]) -> list[str]:
-    """`argv` plus the flags that train on the built-in corpus (``--data-path`` and, unless
-    `argv` gives one, the tokenizer), or `argv` unchanged when it names data of its own.
+def use_builtin_data(args: argparse.Namespace) -> None:
+    """Point parsed ``pretrain_moh.py`` arguments at the built-in corpus (``--data-path`` and,
+    unless they name one, its tokenizer) when they name no data of their own.
 
     Builds the corpus's tokenizer and indexed dataset on first use (``--moh-data-cache`` says
     where to cache them).
     """
-    if any(arg.split("=")[0] in DATA_FLAGS for arg in argv):
-        return argv
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--moh-data-cache", default=None)
-    pre.add_argument("--tokenizer-model", default=None)
-    known, _ = pre.parse_known_args(argv)
-    prefix, tokenizer_model = prepare_builtin_dataset(cache_dir=known.moh_data_cache)
-    extra = ["--data-path", prefix]
-    if known.tokenizer_model is None:
-        extra += tok.megatron_tokenizer_args(tokenizer_model)
-    return [*argv, *extra]
+    if any(getattr(args, name, None) for name in DATA_ARGS):
+        return
+    prefix, tokenizer_model = prepare_builtin_dataset(cache_dir=args.moh_data_cache)
+    args.data_path = [prefix]
+    if args.tokenizer_model is None:
+        args.tokenizer_type, args.tokenizer_model = tok.MEGATRON_TOKENIZER_TYPE, tokenizer_model

@@ -28,6 +28,7 @@ import numpy
 
 from megatron_moh import tokenizer as tok
 from megatron_moh.data.validation import META_SUFFIX, DataError, dataset_files
+from megatron_moh.outputs import unwritable_reason
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,24 @@ def check_input_files(paths: Sequence[str], json_key: str = "text") -> None:
                 f"input {path} is a directory; pass the files inside it (e.g. {path}/*.jsonl)"
             )
         kind = _input_kind(path)
+        _check_text(path)
         if kind == "jsonl":
             _check_jsonl_head(path, json_key)
+
+
+def _check_text(path: str, probe: int = 1 << 16) -> None:
+    """The file starts as UTF-8 text: a binary file named .txt would otherwise be tokenized."""
+    with open(path, "rb") as handle:
+        head = handle.read(probe)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not just a character cut at the end of the probe
+            raise DataError(f"input {path} is not UTF-8 text (byte {err.start} is not): pass text or "
+                            f"JSON-lines files") from None
+        text = head[: err.start].decode("utf-8")
+    if "\x00" in text:
+        raise DataError(f"input {path} holds NUL bytes, so it is binary, not text: pass text or JSON-lines files")
 
 
 def _input_kind(path: str) -> str:
@@ -180,11 +197,9 @@ def check_output_prefix(output_prefix: str, overwrite: bool = False) -> None:
             f"{existing[0]} already exists; pass --overwrite to replace it or choose another "
             "--output-prefix"
         )
-    parent = os.path.dirname(os.path.abspath(output_prefix))
-    if os.path.exists(parent) and not os.access(parent, os.W_OK):
-        raise DataError(
-            f"cannot write to {parent}; choose an --output-prefix in a writable directory"
-        )
+    reason = unwritable_reason(os.path.dirname(os.path.abspath(output_prefix)))
+    if reason:
+        raise DataError(f"--output-prefix {output_prefix}: {reason}; choose a writable directory")
 
 
 def preprocess_documents(

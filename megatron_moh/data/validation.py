@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -152,6 +153,7 @@ def validate_data(
         parse_split(split)
     for prefix in prefixes:
         _check_prefix_exists(prefix)
+        _check_index(prefix)
     limit = vocab_size if vocab_size is not None else getattr(tokenizer, "vocab_size", None)
     fingerprint = tok.vocab_fingerprint(tokenizer) if tokenizer is not None else None
     for prefix in prefixes:
@@ -186,3 +188,42 @@ def _check_prefix_exists(prefix: str) -> None:
     if missing:
         raise DataError(f"{missing[0]} is missing beside its pair; re-run tools/preprocess_data.py "
                         f"--output-prefix {prefix} --overwrite")
+
+
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's indexed dataset, version 1
+_INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents
+
+
+def _check_index(prefix: str) -> None:
+    """The ``.idx`` is megatron's index, whole, and describes exactly the ``.bin`` beside it (read
+    here from its documented layout: megatron's reader fails on a damaged file with a bare assert)."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    redo = f"re-run tools/preprocess_data.py --output-prefix {prefix} --overwrite"
+    idx = f"{prefix}.idx"
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as handle:
+        head = handle.read(_INDEX_HEADER.size)
+    if len(head) < _INDEX_HEADER.size:
+        raise DataError(f"{idx} is not a readable megatron index (only {size} bytes: truncated); {redo}")
+    magic, version, code, sequences, documents = _INDEX_HEADER.unpack(head)
+    try:
+        item = DType.size(DType.dtype_from_code(code))
+    except (KeyError, ValueError):
+        item = None
+    if magic != _INDEX_MAGIC or version != 1 or item is None:
+        raise DataError(f"{idx} is not a readable megatron index (wrong header: damaged or another format); {redo}")
+    expected = _INDEX_HEADER.size + sequences * (4 + 8) + documents * 8
+    if size != expected:
+        raise DataError(f"{idx} is not a readable megatron index ({size} bytes where its header implies {expected}: "
+                        f"truncated or damaged); {redo}")
+    if not sequences:
+        return
+    lengths = numpy.fromfile(idx, dtype=numpy.int32, count=sequences, offset=_INDEX_HEADER.size)
+    last = _INDEX_HEADER.size + 4 * sequences + 8 * (sequences - 1)
+    last_pointer = numpy.fromfile(idx, dtype=numpy.int64, count=1, offset=last)
+    described = int(last_pointer[0]) + int(lengths[-1]) * item
+    actual = os.path.getsize(f"{prefix}.bin")
+    if actual != described:
+        raise DataError(f"{prefix}.bin has {actual} bytes but its index describes {described} (one of the pair is "
+                        f"truncated or from another run); {redo}")

@@ -82,9 +82,8 @@ def _load_bytes_weights_only(self, read_item, value: io.BytesIO) -> None:
 
 
 def _install_safe_loading() -> None:
-    from torch.distributed.checkpoint import default_planner, filesystem
-
     import megatron.core  # noqa: F401  (registers megatron's safe globals with torch.serialization)
+    from torch.distributed.checkpoint import default_planner, filesystem
 
     replace(filesystem.FileSystemReader, "read_metadata", _read_metadata_safely,
             why="never unpickle arbitrary classes from a checkpoint's .metadata", params=("self",))

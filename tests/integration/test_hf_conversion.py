@@ -185,6 +185,10 @@ def test_export_is_a_self_contained_moh_llama_directory(exported, trained):
                  "tokenizer.json"):
         assert (directory / name).is_file(), name
     assert exported["results"]["imported"] == []  # the loader never needed megatron
+    umask = os.umask(0)
+    os.umask(umask)  # shared as save_pretrained shares: the user's umask, not a private scratch directory's 0700
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {path.stat().st_mode & 0o777 for path in directory.iterdir()} == {0o666 & ~umask}
 
 
 @pytest.mark.parametrize("router", list(ROUTERS))

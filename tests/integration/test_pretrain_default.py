@@ -1,10 +1,16 @@
 """The README's main job: the tiny MoH model learns on the built-in corpus; bad inputs are refused
 with one line before any work."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tests.integration.pretrain_runner import exit_message_worker, losses, pretrain_worker
 from tests.launcher import launch
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +57,9 @@ def test_vocabulary_mismatch_is_refused(tmp_path, data_cache):
 
 def test_impossible_batch_size_is_refused(data_cache):
     message = _refusal(["--moh-data-cache", data_cache, "--micro-batch-size", "3", "--global-batch-size", "16"])
-    assert "pretrain_moh.py: error:" in message and "16" in message
+    # megatron's own wording, which names both sizes and the rule they break
+    assert message == ("pretrain_moh.py: error: eval_global_batch_size (16) must be divisible by "
+                       "eval_micro_batch_size (3) * data_parallel_size (1)"), message
 
 
 def test_impossible_moh_setting_is_refused(data_cache):
@@ -67,3 +75,14 @@ def test_fp8_without_transformer_engine_is_refused(data_cache):
 def test_te_spec_without_transformer_engine_is_refused(data_cache):
     message = _refusal(["--moh-data-cache", data_cache, "--transformer-impl", "transformer_engine"])
     assert "needs NVIDIA Transformer Engine" in message
+
+
+def test_help_lists_megatron_and_moh_flags():
+    """megatron-core 0.19.2 has a help string with a bare '%' that makes argparse's --help crash."""
+    out = subprocess.run([sys.executable, str(ROOT / "pretrain_moh.py"), "--help"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage: pretrain_moh.py")
+    for text in ("mixture-of-heads:", "--moh-topk MOH_TOPK", "--tensor-model-parallel-size",
+                 "--moe-paged-stash-buffer-size-factor-cuda", "10%)"):
+        assert text in out.stdout, text

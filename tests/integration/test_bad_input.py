@@ -1,0 +1,205 @@
+"""Bad input to pretrain_moh.py and the three tools: each case stops with its exit code and ONE line
+naming the problem, no traceback, before any work (no process group, nothing printed on stdout,
+megatron's argument dump included), and every file that existed is byte-identical afterwards,
+with nothing new beside it. All cases run in one fresh process (tests/integration/bad_input_runner.py).
+
+The table is the place to add a case: (id, program, argv, exit code, words the message must hold).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_moh import tokenizer as tk
+from megatron_moh.data import corpus, preprocess
+from tests.integration.checkpoint_runner import run_worker
+from tests.launcher import launch
+
+pytestmark = pytest.mark.slow  # one tiny training run, then ~50 refusals in one process
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "8",
+         "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
+         "--global-batch-size", "4", "--lr", "1e-3", "--eval-iters", "0", "--eval-interval", "1000"]
+MOCK = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "500"]
+RUN = [*MODEL, *MOCK, "--train-iters", "2"]
+
+PRETRAIN, CONVERT, PREPROCESS, TOKENIZER = "pretrain_moh.py", "convert_checkpoint.py", "preprocess_data.py", \
+    "train_tokenizer.py"
+
+
+def cases(r: Path) -> list[tuple[str, str, list[str], int, list[str]]]:
+    """Every case; ``r`` is the root holding the files the cases use (see the `root` fixture)."""
+    d, tok, ck = f"{r}/data", f"{r}/tok.model", f"{r}/ckpt"
+    sp = ["--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", tok]
+    return [
+        # pretrain_moh.py: impossible numbers (megatron asserts some without a message)
+        ("train-iters", PRETRAIN, [*RUN, "--train-iters", "-5"], 1, ["--train-iters -5", "at least 1"]),
+        ("hidden-size", PRETRAIN, [*RUN, "--hidden-size", "-64"], 1, ["--hidden-size -64", "at least 1"]),
+        ("num-layers", PRETRAIN, [*RUN, "--num-layers", "0"], 1, ["--num-layers 0"]),
+        ("lr", PRETRAIN, [*RUN, "--lr", "-1"], 1, ["--lr -1.0", "0 or more"]),
+        ("micro-batch", PRETRAIN, [*RUN, "--micro-batch-size", "0"], 1, ["--micro-batch-size 0"]),
+        ("global-batch", PRETRAIN, [*RUN, "--global-batch-size", "0"], 1, ["--global-batch-size 0"]),
+        ("min-lr", PRETRAIN, [*RUN, "--min-lr", "0.1"], 1, ["--min-lr 0.1 is above --lr 0.001"]),
+        ("dropout", PRETRAIN, [*RUN, "--hidden-dropout", "1.5"], 1, ["--hidden-dropout 1.5", "[0, 1)"]),
+        ("eval-iters", PRETRAIN, [*RUN, "--eval-iters", "-1"], 1, ["--eval-iters -1"]),
+        ("balance-coeff", PRETRAIN, [*RUN, "--moh-load-balance-coeff", "-0.1"], 1, ["--moh-load-balance-coeff -0.1"]),
+        ("batch-split", PRETRAIN, [*RUN, "--global-batch-size", "5"], 1, ["global_batch_size (5)", "divisible"]),
+        ("seq-over-positions", PRETRAIN, [*RUN, "--seq-length", "64"], 1, ["max_position_embeddings (32)", "64"]),
+        # pretrain_moh.py: flags
+        ("unknown-flag", PRETRAIN, [*RUN, "--no-such-flag"], 2, ["unrecognized arguments: --no-such-flag"]),
+        ("bad-choice", PRETRAIN, [*RUN, "--moh-router", "hash"], 2, ["--moh-router", "invalid choice: 'hash'"]),
+        ("not-a-number", PRETRAIN, [*RUN, "--lr", "fast"], 2, ["--lr", "invalid float value: 'fast'"]),
+        ("mla", PRETRAIN, [*RUN, "--multi-latent-attention"], 1, ["multi-latent attention", "drop --multi-latent"]),
+        ("fp8", PRETRAIN, [*RUN, "--fp8-format", "hybrid"], 1, ["--fp8-format hybrid", "Transformer Engine"]),
+        ("te-spec", PRETRAIN, [*RUN, "--transformer-impl", "transformer_engine"], 1, ["Transformer Engine"]),
+        ("moh-topk", PRETRAIN, [*RUN, "--moh-topk", "9"], 1, ["moh_topk=9", "lower moh_topk"]),
+        ("moh-shared", PRETRAIN, [*RUN, "--moh-num-shared-heads", "-1"], 1, ["moh_num_shared_heads=-1"]),
+        ("checkpoint-args", PRETRAIN, [*RUN, "--use-checkpoint-args"], 1, ["--use-checkpoint-args needs --load"]),
+        # pretrain_moh.py: outputs that would fail at the first save or log
+        ("save-under-file", PRETRAIN, [*RUN, "--save", f"{r}/afile/ckpt", "--save-interval", "1"], 1,
+         [f"--save {r}/afile/ckpt", "is a file, not a directory"]),
+        ("save-no-interval", PRETRAIN, [*RUN, "--save", f"{r}/new-ckpt"], 1, ["--save needs --save-interval"]),
+        ("tensorboard-under-file", PRETRAIN, [*RUN, "--tensorboard-dir", f"{r}/afile/tb"], 1,
+         ["--tensorboard-dir", "is a file"]),
+        ("legacy-format", PRETRAIN, [*RUN, "--save", f"{r}/new-ckpt", "--save-interval", "1", "--ckpt-format", "torch"],
+         1, ["--ckpt-format torch", "torch_dist"]),
+        # pretrain_moh.py: data and tokenizer
+        ("missing-data", PRETRAIN, [*MODEL, *sp, "--data-path", f"{d}/nothing"], 1, [f"no dataset at {d}/nothing"]),
+        ("data-suffix", PRETRAIN, [*MODEL, *sp, "--data-path", f"{d}/good.bin"], 1, ["includes the suffix"]),
+        ("truncated-idx", PRETRAIN, [*MODEL, *sp, "--data-path", f"{d}/truncated"], 1,
+         [f"{d}/truncated.idx is not a readable megatron index"]),
+        ("garbage-idx", PRETRAIN, [*MODEL, *sp, "--data-path", f"{d}/garbage"], 1,
+         [f"{d}/garbage.idx is not a readable megatron index"]),
+        ("short-bin", PRETRAIN, [*MODEL, *sp, "--data-path", f"{d}/short"], 1, [f"{d}/short.bin has", "truncated"]),
+        ("negative-weight", PRETRAIN, [*MODEL, *sp, "--data-path", "0.5", f"{d}/good", "-0.5", f"{d}/other"], 1,
+         ["negative"]),
+        ("bad-split", PRETRAIN, [*MODEL, *sp, "--data-path", f"{d}/good", "--split", "1,2,3,4"], 1, ["split"]),
+        ("not-sentencepiece", PRETRAIN, [*MODEL, "--data-path", f"{d}/good", "--tokenizer-model", f"{r}/notsp.model"],
+         1, [f"{r}/notsp.model is not a sentencepiece model"]),
+        ("missing-tokenizer", PRETRAIN, [*MODEL, "--data-path", f"{d}/good", "--tokenizer-model", f"{r}/none.model"],
+         1, [f"tokenizer model {r}/none.model not found"]),
+        ("vocab-mismatch", PRETRAIN, [*MODEL, "--data-path", f"{d}/good", "--tokenizer-type", "NullTokenizer",
+                                      "--vocab-size", "100"], 1, ["vocabulary size mismatch"]),
+        # pretrain_moh.py: --load
+        ("load-missing", PRETRAIN, [*RUN, "--load", f"{r}/nowhere"], 1, [f"{r}/nowhere does not exist"]),
+        ("load-empty", PRETRAIN, [*RUN, "--load", f"{r}/empty"], 1, ["holds no checkpoint"]),
+        ("load-other-model", PRETRAIN, [*RUN, "--load", ck, "--hidden-size", "128"], 1,
+         ["hidden_size=64 in the checkpoint but 128 here"]),
+        ("resume-other-schedule", PRETRAIN, [*RUN, "--load", ck, "--train-iters", "4"], 1,
+         ["another learning-rate schedule", "--train-iters 2 -> 4", "--override-opt_param-scheduler"]),
+        ("resume-other-lr", PRETRAIN, [*RUN, "--load", ck, "--lr", "2e-3"], 1, ["--lr 0.001 -> 0.002"]),
+        # convert_checkpoint.py
+        ("export-missing", CONVERT, ["export-hf", "--load", f"{r}/nowhere", "--out", f"{r}/hf"], 1, ["does not exist"]),
+        ("export-existing", CONVERT, ["export-hf", "--load", ck, "--out", f"{r}/out-existing"], 1,
+         ["already exists", "--overwrite"]),
+        ("export-shard-size", CONVERT, ["export-hf", "--load", ck, "--out", f"{r}/hf", "--max-shard-size", "banana"],
+         1, ["--max-shard-size 'banana' is not a size"]),
+        ("export-under-file", CONVERT, ["export-hf", "--load", ck, "--out", f"{r}/afile/hf"], 1, ["is a file"]),
+        ("export-dense-routed", CONVERT, ["export-hf", "--load", ck, "--out", f"{r}/hf", "--dense"], 1,
+         ["only a dense model exports as plain Llama"]),
+        ("export-tokenizer", CONVERT, ["export-hf", "--load", ck, "--out", f"{r}/hf", "--tokenizer-model",
+                                       f"{r}/none.model"], 1, ["--tokenizer-model", "does not exist"]),
+        ("import-missing", CONVERT, ["import-hf", "--hf", f"{r}/nowhere", "--out", f"{r}/mg", "--layout", "dense"], 1,
+         ["config.json does not exist"]),
+        ("import-no-config", CONVERT, ["import-hf", "--hf", f"{r}/empty", "--out", f"{r}/mg", "--layout", "dense"],
+         1, ["config.json does not exist"]),
+        ("import-custom", CONVERT, ["import-hf", "--hf", f"{r}/empty", "--out", f"{r}/mg", "--layout", "custom"], 1,
+         ["--layout custom needs --moh-num-shared-heads and --moh-topk"]),
+        ("convert-usage", CONVERT, ["export-hf", "--load", ck], 2, ["the following arguments are required: --out"]),
+        # preprocess_data.py
+        ("preprocess-missing", PREPROCESS, ["--input", f"{r}/none.txt", "--output-prefix", f"{d}/x",
+                                            "--tokenizer-model", tok], 2, [f"input {r}/none.txt does not exist"]),
+        ("preprocess-binary-txt", PREPROCESS, ["--input", f"{r}/binary.txt", "--output-prefix", f"{d}/x",
+                                               "--tokenizer-model", tok], 2, ["binary.txt is not UTF-8 text"]),
+        ("preprocess-binary-jsonl", PREPROCESS, ["--input", f"{r}/binary.jsonl", "--output-prefix", f"{d}/x",
+                                                 "--tokenizer-model", tok], 2, ["binary.jsonl is not UTF-8 text"]),
+        ("preprocess-key", PREPROCESS, ["--input", f"{r}/doc.jsonl", "--json-key", "body", "--output-prefix",
+                                        f"{d}/x", "--tokenizer-model", tok], 2, ["no 'body' field"]),
+        ("preprocess-existing", PREPROCESS, ["--input", f"{r}/doc.txt", "--output-prefix", f"{d}/good",
+                                             "--tokenizer-model", tok], 2, ["already exists", "--overwrite"]),
+        ("preprocess-tokenizer", PREPROCESS, ["--input", f"{r}/doc.txt", "--output-prefix", f"{r}/new/x",
+                                              "--tokenizer-model", f"{r}/notsp.model"], 2,
+         ["is not a sentencepiece model"]),
+        ("preprocess-under-file", PREPROCESS, ["--input", f"{r}/doc.txt", "--output-prefix", f"{r}/afile/x",
+                                               "--tokenizer-model", tok], 2, ["is a file"]),
+        ("preprocess-workers", PREPROCESS, ["--input", f"{r}/doc.txt", "--output-prefix", f"{r}/new/x",
+                                            "--tokenizer-model", tok, "--workers", "0"], 2, ["--workers 0"]),
+        # train_tokenizer.py
+        ("tokenizer-missing", TOKENIZER, ["--input", f"{r}/none.txt", "--model-prefix", f"{r}/new/t"], 2,
+         ["does not exist"]),
+        ("tokenizer-vocab", TOKENIZER, ["--input", f"{r}/doc.txt", "--model-prefix", f"{r}/new/t",
+                                        "--vocab-size", "10"], 2, ["--vocab-size 10 is too small"]),
+        ("tokenizer-existing", TOKENIZER, ["--input", f"{r}/doc.txt", "--model-prefix", f"{r}/tok"], 2,
+         ["tok.model already exists"]),
+        ("tokenizer-under-file", TOKENIZER, ["--input", f"{r}/doc.txt", "--model-prefix", f"{r}/afile/t"], 2,
+         ["is a file"]),
+        ("tokenizer-binary", TOKENIZER, ["--input", f"{r}/binary.txt", "--model-prefix", f"{r}/new/t"], 2,
+         ["not UTF-8 text"]),
+        ("tokenizer-usage", TOKENIZER, ["--model-prefix", f"{r}/new/t"], 2, ["one of the arguments"]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """Files the cases point at: a tokenizer, good and damaged datasets, a checkpoint, plain files."""
+    r = tmp_path_factory.mktemp("bad-input")
+    docs = list(corpus.builtin_corpus_text())[:300]
+    tk.train_tokenizer(docs, str(r / "tok"), 512)
+    (r / "doc.txt").write_text("\n\n".join(docs[:20]))
+    (r / "doc.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs[:20]))
+    (r / "binary.txt").write_bytes(bytes(range(256)) * 64)
+    (r / "binary.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+    (r / "notsp.model").write_text("this is not a sentencepiece model\n")
+    (r / "afile").write_text("a file where a directory is expected\n")
+    (r / "empty").mkdir()
+    (r / "out-existing").mkdir()
+    (r / "out-existing" / "keep.txt").write_text("precious\n")
+    data = r / "data"
+    for name in ("good", "other", "truncated", "garbage", "short"):
+        preprocess.preprocess_documents(preprocess.iter_documents([str(r / "doc.txt")], txt_mode="paragraph"),
+                                        str(data / name), str(r / "tok.model"))
+    index = (data / "truncated.idx").read_bytes()
+    (data / "truncated.idx").write_bytes(index[: len(index) // 2])
+    (data / "garbage.idx").write_bytes(os.urandom(len(index)))
+    binary = (data / "short.bin").read_bytes()
+    (data / "short.bin").write_bytes(binary[:-10])
+    launch(run_worker, 1, [*RUN, "--save", str(r / "ckpt"), "--save-interval", "2"], timeout=600)
+    return r
+
+
+@pytest.fixture(scope="module")
+def results(root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("runner")
+    table = [dict(id=c[0], prog=c[1], argv=c[2]) for c in cases(root)]
+    (work / "cases.json").write_text(json.dumps(dict(root=str(root), cases=table)))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/integration/bad_input_runner.py"), str(work / "cases.json"),
+                           str(work / "results.json")], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((work / "results.json").read_text())
+
+
+def test_the_suite_is_large_enough(root):
+    table = cases(root)
+    assert len(table) >= 40 and len({c[0] for c in table}) == len(table)
+    assert {c[1] for c in table} == {PRETRAIN, CONVERT, PREPROCESS, TOKENIZER}
+
+
+@pytest.mark.parametrize("case", cases(Path("/ROOT")), ids=lambda c: c[0])
+def test_bad_input_is_refused_in_one_line_before_any_work(case, results, root):
+    case_id, prog, _, code, words = next(c for c in cases(root) if c[0] == case[0])
+    got = results[case_id]
+    message = got["stderr"].strip()
+    assert got["code"] == code, got
+    assert "\n" not in message and message.startswith(prog) and ": error: " in message, message  # prog [command]
+    assert "Traceback" not in got["stderr"]
+    for word in words:
+        assert word in message, (word, message)
+    assert got["stdout"] == "", got["stdout"][-2000:]  # no megatron argument dump, no dataset building
+    assert not got["process_group"]
+    assert got["changed"] == [], got["changed"]  # nothing created, nothing the user had touched
