@@ -177,9 +177,11 @@ def results(root, tmp_path_factory):
     work = tmp_path_factory.mktemp("runner")
     table = [dict(id=c[0], prog=c[1], argv=c[2]) for c in cases(root)]
     (work / "cases.json").write_text(json.dumps(dict(root=str(root), cases=table)))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/integration/bad_input_runner.py"), str(work / "cases.json"),
-                           str(work / "results.json")], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
+    runner = [sys.executable, str(ROOT / "tests/integration/bad_input_runner.py"), str(work / "cases.json"),
+              str(work / "results.json")]
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run(runner, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, PYTHONPATH=path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((work / "results.json").read_text())
 
