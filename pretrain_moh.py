@@ -49,13 +49,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.stdout.write(report.getvalue())
     set_global_variables(args)
     metrics.install()
-    pretrain(
-        pretrain_cfg_container_from_args(args),
-        datasets_provider,
-        ModelType.encoder_or_decoder,
-        forward_step,
-        model_provider=model_provider,
-    )
+    try:
+        pretrain(
+            pretrain_cfg_container_from_args(args),
+            datasets_provider,
+            ModelType.encoder_or_decoder,
+            forward_step,
+            model_provider=model_provider,
+        )
+    except SystemExit as exit_:
+        if exit_.code in preflight.DIVERGED_EXIT_CODES:
+            print(preflight.diverged(args, exit_.code), file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

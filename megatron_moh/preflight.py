@@ -140,3 +140,15 @@ def check_args(args: argparse.Namespace) -> None:
         check_load(args)
     except (MoHConfigError, DataError, TransformerEngineMissing, CheckpointError) as err:
         raise SystemExit(f"{PROG}: error: {err}") from None
+
+
+# megatron's exit codes when its result validation found a NaN/Inf that a rerun reproduced.
+DIVERGED_EXIT_CODES = (16, 17)  # megatron.core.rerun_state_machine.EXIT_CODE_*
+
+
+def diverged(args: argparse.Namespace, code: int) -> str:
+    """The one line to end a run that megatron's result validation stopped."""
+    saved = (f"a checkpoint of the iteration before it is in --save {args.save}, so resuming reruns it"
+             if args.save and code == 16 else "nothing was saved" + ("" if args.save else " (no --save)"))
+    return (f"{PROG}: error: training diverged at iteration {args.curr_iteration + 1}: megatron's result validation "
+            f"found NaN or Inf (the log above says where); {saved}; lower --lr or use --clip-grad")

@@ -10,6 +10,7 @@ from functools import partial
 import torch
 
 from megatron.core.models.gpt import GPTModel
+from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.training import get_args, get_tokenizer
 from megatron.training.utils.common_utils import get_blend_and_blend_per_split, print_rank_0
 
@@ -35,12 +36,31 @@ def get_batch(data_iterator):
             ("tokens", "labels", "loss_mask", "attention_mask", "position_ids"))
 
 
+# A loss ten times the largest seen so far is a spike (megatron's --check-for-spiky-loss).
+SPIKY_LOSS_FACTOR = 10
+
+
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Sum of token losses and the token count; megatron divides and averages. The load-balance
-    loss is not added here: it reaches the router through megatron's aux-loss scaler."""
+    loss is not added here: it reaches the router through megatron's aux-loss scaler.
+
+    Each rank's loss goes through megatron's result validation before the data-parallel
+    reduction, as in Megatron-LM's pretrain_gpt.py: NaN or Inf stops the run (after a rerun
+    confirms it, saving a checkpoint when there is a --save), a spike is reported."""
     losses = output_tensor.float().view(-1)
     loss_mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * loss_mask)
+    args = get_args()
+    rerun_state_machine = get_rerun_state_machine()
+    if args.check_for_nan_in_loss_and_grad:
+        for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+            rerun_state_machine.validate_result(result=loss, rejection_func=reject, tolerance=0.0, fatal=True,
+                                                message=f"found {what} in local forward loss calculation")
+    if args.check_for_spiky_loss:
+        rerun_state_machine.validate_result(
+            result=loss, tolerance=0.0, fatal=False, message="Spiky loss",
+            rejection_func=partial(rerun_state_machine.is_unexpectedly_large, threshold=SPIKY_LOSS_FACTOR,
+                                   context="loss"))
     num_tokens = loss_mask.sum().clone().detach().to(torch.int)
     report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])
     return loss, num_tokens, {"lm loss": report}

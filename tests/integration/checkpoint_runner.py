@@ -33,7 +33,7 @@ def _record_losses(train, losses: list[tuple[int, float]]) -> None:
 
 def run_worker(rank: int, world: int, argv: list[str], signal_at: int | None = None,
                overtime_at: int | None = None) -> dict[str, Any]:
-    """Launcher target: one rank of ``pretrain_moh.py argv``. Returns its stdout, exit code (None when
+    """Launcher target: one rank of ``pretrain_moh.py argv``. Returns its stdout, stderr, exit code (None when
     main() returned) and ``losses``: (iteration, summed token loss) per training micro-batch on this
     rank (ranks of the last pipeline stage), iterations counted from 0. ``signal_at``: this process
     gets SIGTERM during that iteration (a scheduler's preemption); ``overtime_at``: from that
@@ -60,13 +60,13 @@ def run_worker(rank: int, world: int, argv: list[str], signal_at: int | None = N
         return recorded(data_iterator, model, *args, **kwargs)
 
     train.forward_step = forward_step_with_events  # pretrain_moh.main() hands megatron this name
-    out, code = io.StringIO(), None
-    with contextlib.redirect_stdout(out):
+    out, err, code = io.StringIO(), io.StringIO(), None
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             pretrain_moh.main(argv)
         except SystemExit as exit_:
             code = exit_.code
-    return dict(out=out.getvalue(), code=code, losses=losses)
+    return dict(out=out.getvalue(), err=err.getvalue(), code=code, losses=losses)
 
 
 def stalled_save_worker(rank: int, world: int, argv: list[str], stall_iteration: int, marker: str) -> dict[str, Any]:

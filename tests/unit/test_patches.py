@@ -24,7 +24,11 @@ CPU = [
     "megatron.training.arguments.get_device_arch_version",
     "megatron.training.training.build_train_valid_test_data_iterators",
 ]
-MEGATRON_TRAINING = ["megatron.core.datasets.utils.compile_helpers"]
+MEGATRON_TRAINING = [
+    "megatron.core.datasets.utils.compile_helpers",
+    "megatron.core.rerun_state_machine.RerunStateMachine.should_checkpoint_and_exit",
+    "megatron.training.training.train_step",
+]
 CHECKPOINTING = [
     "torch.distributed.checkpoint.filesystem.FileSystemReader.read_metadata",
     "torch.distributed.checkpoint.default_planner.DefaultLoadPlanner.load_bytes",
