@@ -87,6 +87,11 @@ def _with_moh_metrics(original_log):
             )
             if iteration % args.log_interval == 0:
                 _head_usage(iteration, writer, args.num_layers)
+        if kwargs.get("is_first_iteration") and iteration % args.log_interval == 0:
+            # megatron logs a process's first iteration without resetting its sums, so that an
+            # interval it starts stays whole; when that iteration ends an interval itself (e.g. a
+            # resume at a multiple of --log-interval), the next log line would count it twice.
+            kwargs["is_first_iteration"] = False
         return original_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kwargs)
 
     return training_log

@@ -66,12 +66,24 @@ def distributed_resume(tmp_path_factory):
     return root, full, *_interrupted_then_resumed(root, 2, *DIST_OPT)
 
 
+LOGGED = re.compile(r"iteration\s+(\d+)/.*?\| (moh_load_balance_loss: \S+) \| (lm loss: \S+)")
+
+
+def _logged(results):
+    """Iteration -> the log line's load-balance and lm loss, from whichever rank logs them."""
+    return {int(it): values for result in results for it, *values in LOGGED.findall(result["out"])}
+
+
 def _assert_continues_exactly(full, first, resumed):
     for rank, (everything, one, two) in enumerate(zip(full, first, resumed)):
         before, after = one["losses"], two["losses"]
         assert {it for it, _ in before} == set(range(SAVE_AT)), rank
         assert {it for it, _ in after} == set(range(SAVE_AT, ITERS)), rank
         assert before + after == everything["losses"], rank  # every micro-batch's loss, bit for bit
+    # ... and so is every logged value (megatron once logged the first resumed iteration twice)
+    logged = _logged(full)
+    assert sorted(logged) == list(range(1, ITERS + 1))
+    assert {**_logged(first), **_logged(resumed)} == logged
 
 
 def test_plain_resume_equals_uninterrupted(plain_resume, uninterrupted):
