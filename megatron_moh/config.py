@@ -12,9 +12,11 @@ plain multi-head attention). For H query heads, the first ``h_s`` are shared, th
   its gradient is that of ``p`` (straight-through), an unchosen head's gate is 0 with no gradient.
 * query-norm router (parameter-free): routing logits are the L2 norms of the routed heads'
   queries divided by their standard deviation across routed heads.
-* load balance: ``L_b = E * sum_i P_i f_i`` per layer, ``P_i`` the mean routed probability of head
-  ``i`` over the micro-batch's tokens, ``f_i`` the fraction of routing slots (tokens x k) that went
-  to head ``i``; uniform routing gives 1. The model adds ``coeff * mean over layers of L_b``.
+* load balance, as the paper's reference code computes it: ``L_b = E * sum_i P_i f_i`` per layer,
+  ``P_i`` the mean routed probability of head ``i`` over the micro-batch's tokens, ``f_i`` the
+  fraction of those tokens that chose head ``i`` (the ``f_i`` sum to ``k``); uniform routing gives
+  ``k``, its minimum. The model adds ``coeff * mean over layers of L_b``, so the paper's
+  beta = 0.01 is ``--moh-load-balance-coeff 0.01``.
 """
 
 from __future__ import annotations

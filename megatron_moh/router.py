@@ -101,7 +101,7 @@ class HeadRouter(MegatronModule):
             if counting:
                 self.head_usage += counts
                 self.tokens_routed += tokens
-        fraction = counts / (tokens * self.topk)
+        fraction = counts / tokens  # of the tokens that chose each head: sums to k, as in the paper's code
         mean_prob = probs.reshape(-1, self.num_routed).sum(dim=0) / tokens
         loss = self.num_routed * torch.sum(mean_prob * fraction)
         if counting:  # training forwards only: not evaluation, not the recompute's dry run

@@ -67,12 +67,12 @@ def reference_gates(x, query, router_weight, cfg: RefSettings):
 
 
 def reference_load_balance(probs, mask, cfg: RefSettings):
-    """L_b = E * sum_i P_i f_i with f_i the fraction of routing slots taken by head i."""
+    """The MoH reference code's ``l_aux = mean(me * ce) * E * E``: ``me`` the mean routed
+    probability per head, ``ce`` the fraction of tokens that chose each head (summing to k)."""
     routed_heads = cfg.heads - cfg.shared
-    p = probs.reshape(-1, routed_heads)
-    m = mask.reshape(-1, routed_heads)
-    tokens = p.shape[0]
-    return routed_heads * torch.sum(p.mean(0) * m.sum(0) / (tokens * cfg.topk))
+    me = probs.reshape(-1, routed_heads).mean(0)
+    ce = mask.reshape(-1, routed_heads).float().mean(0)
+    return torch.mean(me * ce) * routed_heads * routed_heads
 
 
 def reference_moh_attention(x, w_qkv, w_proj, router_weight, cfg: RefSettings):
