@@ -114,7 +114,13 @@ class HeadRouter(MegatronModule):
             )
         coeff = self.config.moh_load_balance_coeff
         if coeff > 0 and counting:
-            gates = MoEAuxLossAutoScaler.apply(gates, loss * (coeff / self.config.num_layers))
+            scale = coeff / self.config.num_layers
+            if self.config.calculate_per_token_loss:
+                # megatron then divides every gradient by the global token count instead of scaling
+                # this loss by 1 / micro-batches; the micro-batch's tokens cancel that, as megatron's
+                # MoE routers do, so the loss weighs the same in both modes.
+                scale = scale * tokens
+            gates = MoEAuxLossAutoScaler.apply(gates, loss * scale)
         return gates
 
     def reset_head_usage(self) -> Tensor:
