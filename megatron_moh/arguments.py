@@ -92,6 +92,13 @@ def add_moh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Build the same model with megatron-core's dense attention (baseline).")
     group.add_argument("--moh-data-cache", type=str, default=None,
                        help="Where the built-in corpus, tokenizer and dataset are cached.")
+    # Megatron-LM's flags for these are store_true; the project's Llama defaults turn them on.
+    group.add_argument("--tie-embeddings-and-output-weights", dest="untie_embeddings_and_output_weights",
+                       action="store_false", help="Share the input embedding with the output layer (Llama-3.2-1B).")
+    group.add_argument("--no-swiglu", dest="swiglu", action="store_false",
+                       help="A plain MLP (e.g. with --squared-relu) instead of Llama's SwiGLU.")
+    group.add_argument("--add-bias-linear", dest="add_bias_linear", action="store_true",
+                       help="Biases in every linear layer (Megatron-LM's default; Llama has none).")
     cpu = platform.cpu_requested()
     parser.set_defaults(
         **LLAMA_ARCHITECTURE,
@@ -116,11 +123,19 @@ def _escape_stray_percent(parser: argparse.ArgumentParser) -> None:
             action.help = action.help.replace("%", "%%")
 
 
+def _refuse_yaml(path: str) -> str:
+    raise argparse.ArgumentTypeError("a YAML config would bypass this command line's checks: pass the settings as "
+                                     "flags")
+
+
 def _parser_for(argv: Sequence[str], parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """megatron's ``extra_args_provider``: the MoH flags, ``argv`` in place of ``sys.argv``, and
     usage errors in one line (argparse would print megatron's 900-line usage first)."""
     add_moh_args(parser)
     _escape_stray_percent(parser)
+    for action in parser._actions:
+        if action.dest == "yaml_cfg":  # megatron reads the file while parsing, before any check
+            action.type = _refuse_yaml
     parser.prog = PROG
     parser.error = lambda message: parser.exit(2, f"{PROG}: error: {message}\n")  # type: ignore[method-assign]
     argv = list(argv)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +78,12 @@ def build_gpt_model(
     share_embeddings_and_output_weights: bool = False,
     rotary_base: int = 10000,
     pg_collection=None,
+    **positions: Any,
 ) -> GPTModel:
     """One pipeline stage (or virtual stage) of an MoH GPT; ``moh=False`` builds the dense
-    baseline with megatron-core's own SelfAttention."""
+    baseline with megatron-core's own SelfAttention. ``positions``: GPTModel's position-embedding
+    and output arguments (``position_embedding_type``, ``rotary_percent``, ``rope_scaling``, ...);
+    the default is Llama's RoPE."""
     if config.fp8 and backend != "te":
         raise ValueError("FP8 needs the Transformer Engine layer spec: pass --transformer-impl "
                          "transformer_engine (backend='te') or drop --fp8-format")
@@ -93,10 +97,10 @@ def build_gpt_model(
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
-        position_embedding_type="rope",
         rotary_base=rotary_base,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
+        **{"position_embedding_type": "rope", **positions},
     )
 
 
@@ -122,6 +126,12 @@ def model_from_args(args: argparse.Namespace, *, pre_process: bool = True, post_
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         rotary_base=args.rotary_base,
         pg_collection=pg_collection,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
     )
 
 

@@ -97,6 +97,22 @@ def _export_tokenizer(saved: argparse.Namespace, tokenizer_model: str | os.PathL
     return None, "none"
 
 
+# Run settings outside the TransformerConfig that a Hugging Face Llama cannot express.
+_NOT_LLAMA = (
+    ("position_embedding_type", lambda value: value != "rope", "position_embedding_type must be 'rope'"),
+    ("rotary_percent", lambda value: value != 1.0, "rotary_percent must be 1.0"),
+    ("rotary_seq_len_interpolation_factor", bool, "rotary_seq_len_interpolation_factor must be unset"),
+    ("use_rope_scaling", bool, "use_rope_scaling (Llama-3.1 RoPE scaling) does not export yet"),
+    ("apply_residual_connection_post_layernorm", bool, "apply_residual_connection_post_layernorm must be off"),
+)
+
+
+def _check_llama_positions(saved: argparse.Namespace) -> None:
+    for field, bad, what in _NOT_LLAMA:
+        if bad(getattr(saved, field, None)):
+            raise CheckpointError(f"this run is not Llama-shaped: {what} for a Hugging Face export")
+
+
 def export_hf(
     load_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -122,6 +138,7 @@ def export_hf(
                               f"number of bytes") from None
     out = _fresh_output_dir(out_dir, overwrite)
     saved = read_checkpoint_args(load_dir)
+    _check_llama_positions(saved)
     tokenizer, tokenizer_kind = _export_tokenizer(saved, tokenizer_model)
     try:
         hf_config = moh_hf_config(

@@ -1,0 +1,130 @@
+"""Every Megatron-LM flag that shapes the model or its loss either does what it says or is refused
+with one line: none is accepted and ignored. This table is the audit; a maintainer extends it.
+
+Honoured flags are checked on the model that pretrain_moh.py would build (module types, parameter
+shapes, embedding settings) against the same model without the flag; loss flags point at the
+integration test that checks the loss. Refused flags must stop in `preflight.check_values`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from megatron.core.activations import squared_relu
+from megatron.core.transformer.attention import SelfAttention
+
+from megatron_moh import preflight
+from megatron_moh.arguments import parse_megatron_args
+from megatron_moh.model import model_from_args
+from megatron_moh.moh_attention import MoHSelfAttention
+
+BASE = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "8",
+        "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "1", "--train-iters", "1",
+        "--lr", "1e-3", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128"]
+
+
+def _model(*flags: str):
+    args = parse_megatron_args([*BASE, *flags])
+    preflight.check_values(args)
+    args.padded_vocab_size = 128
+    torch.manual_seed(0)
+    return model_from_args(args), args
+
+
+def _attention(model):
+    return model.decoder.layers[0].self_attention
+
+
+def _inv_freq(model):
+    return model.rotary_pos_emb.inv_freq
+
+
+# (flag(s), what must be true of the model built with them). Each check could fail: the default
+# model (no flag) is built too and must NOT satisfy it.
+HONOURED: dict[str, tuple[list[str], Callable]] = {
+    "learned-positions": (["--position-embedding-type", "learned_absolute"],
+                          lambda m, a: hasattr(m.embedding, "position_embeddings")
+                          and not hasattr(m, "rotary_pos_emb")),
+    "no-positions": (["--position-embedding-type", "none"],
+                     lambda m, a: not hasattr(m.embedding, "position_embeddings") and not hasattr(m, "rotary_pos_emb")),
+    "rotary-percent": (["--rotary-percent", "0.5"], lambda m, a: _inv_freq(m).numel() == a.kv_channels // 4),
+    "rotary-base": (["--rotary-base", "500000"], lambda m, a: abs(_inv_freq(m)[1].item() - 500000 ** -0.25) < 1e-9),
+    "rope-scaling": (["--rotary-base", "500000", "--use-rope-scaling", "--rope-scaling-factor", "8"],
+                     lambda m, a: _inv_freq(m)[-1].item() < 0.2 * 500000 ** -0.75),  # long wavelengths slowed 8x
+    "rope-interpolation": (["--rotary-seq-len-interpolation-factor", "2"],
+                           lambda m, a: m.rotary_pos_emb.seq_len_interpolation_factor == 2),
+    "fp16-lm-cross-entropy": (["--fp16", "--fp16-lm-cross-entropy"], lambda m, a: m.fp16_lm_cross_entropy),
+    "tied-embeddings": (["--tie-embeddings-and-output-weights"],
+                        lambda m, a: m.share_embeddings_and_output_weights and m.output_layer.weight is None),
+    "qkv-bias": (["--add-qkv-bias"], lambda m, a: _attention(m).linear_qkv.bias is not None
+                 and _attention(m).linear_proj.bias is None),
+    "linear-bias": (["--add-bias-linear"], lambda m, a: m.decoder.layers[0].mlp.linear_fc1.bias is not None),
+    "layernorm": (["--normalization", "LayerNorm"],
+                  lambda m, a: type(m.decoder.layers[0].input_layernorm) is torch.nn.LayerNorm),
+    "norm-epsilon": (["--norm-epsilon", "1e-6"], lambda m, a: m.decoder.layers[0].input_layernorm.eps == 1e-6),
+    "squared-relu": (["--no-swiglu", "--squared-relu"], lambda m, a: m.config.activation_func is squared_relu
+                     and m.decoder.layers[0].mlp.linear_fc1.weight.shape[0] == 128),
+    "gqa": (["--group-query-attention", "--num-query-groups", "2"],
+            lambda m, a: _attention(m).linear_qkv.weight.shape[0] == (8 + 2 * 2) * 8),
+    "kv-channels": (["--kv-channels", "16"], lambda m, a: _attention(m).linear_qkv.weight.shape[0] == 3 * 8 * 16),
+    "ffn-size": (["--ffn-hidden-size", "96"], lambda m, a: m.decoder.layers[0].mlp.linear_fc2.weight.shape[1] == 96),
+    "init-std": (["--init-method-std", "0.2"],
+                 lambda m, a: 0.15 < m.embedding.word_embeddings.weight.std().item() < 0.25),
+    "dropout": (["--hidden-dropout", "0.3", "--attention-dropout", "0.2"],
+                lambda m, a: (m.config.hidden_dropout, m.config.attention_dropout) == (0.3, 0.2)),
+    "dense-baseline": (["--moh-dense-baseline"], lambda m, a: type(_attention(m)) is SelfAttention),
+    "moh-layout": (["--moh-num-shared-heads", "2", "--moh-topk", "3"],
+                   lambda m, a: isinstance(_attention(m), MoHSelfAttention)
+                   and (_attention(m).router.num_shared, _attention(m).router.topk) == (2, 3)),
+    # Loss: checked by training, in tests/integration/test_loss_modes.py (the load-balance weight).
+    "per-token-loss": (["--calculate-per-token-loss"], lambda m, a: m.config.calculate_per_token_loss),
+}
+
+# (flags, words of the one-line refusal).
+REFUSED: dict[str, tuple[list[str], str]] = {
+    "mla": (["--multi-latent-attention"], "multi-latent attention"),
+    "heterogeneous": (["--heterogeneous-layers-config-path", "layers.json"], "heterogeneous layer configs"),
+    "spec": (["--spec", "my.module", "my_spec"], "--spec replaces the layer spec"),
+    "yaml": (["--yaml-cfg", "run.yaml"], "argument --yaml-cfg: a YAML config would bypass"),
+    "experimental-attention": (["--experimental-attention-variant", "gated_delta_net"],
+                               "--experimental-attention-variant replaces the attention"),
+    "hybrid": (["--hybrid-layer-pattern", "M*M*"], "--hybrid-layer-pattern describes a HybridModel"),
+    "mtp": (["--mtp-num-layers", "1"], "multi-token prediction"),
+    "output-gate": (["--attention-output-gate"], "--attention-output-gate"),
+    "qk-l2-norm": (["--qk-l2-norm"], "--qk-l2-norm"),
+    "no-rope-freq": (["--no-rope-freq", "4"], "--no-rope-freq"),
+    "zero-centered-gamma": (["--apply-layernorm-1p"], "zero-centred gamma"),
+    "softmax-type": (["--softmax-type", "off-by-one"], "vanilla attention softmax"),
+    "yarn": (["--position-embedding-type", "yarn"], "YaRN and M-RoPE"),
+    "qk-clip": (["--qk-clip"], "--qk-clip"),
+    "post-ln-residual": (["--apply-residual-connection-post-layernorm"], "its layers ignore it"),
+    "moe": (["--num-experts", "4"], "MoE MLP layers are not in the MoH layer spec yet"),
+    "qk-layernorm": (["--qk-layernorm"], "--qk-layernorm is not in the MoH layer spec yet"),
+}
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return _model()
+
+
+@pytest.mark.parametrize("name", list(HONOURED))
+def test_honoured_flag_changes_the_model(name, default_model):
+    flags, check = HONOURED[name]
+    model, args = _model(*flags)
+    assert check(model, args), f"{flags} did not change the model as it says"
+    assert not check(*default_model), f"the check for {flags} holds without the flag too"
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_unsupported_flag_is_refused(name):
+    flags, words = REFUSED[name]
+    with pytest.raises(SystemExit) as refusal, contextlib.redirect_stderr(io.StringIO()) as usage:
+        preflight.check_values(parse_megatron_args([*BASE, *flags], validate=False))
+    message = str(refusal.value.code) if refusal.value.code != 2 else usage.getvalue().strip()  # usage error
+    assert message.startswith("pretrain_moh.py: error: ") and "\n" not in message and words in message, message
