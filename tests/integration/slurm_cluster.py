@@ -31,10 +31,10 @@ def install_reason() -> str | None:
         return "SLURM is not installed and this system has no apt-get to install slurm-wlm and munge"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
-    done = subprocess.run(install, env=env, capture_output=True, text=True)
+    done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:  # stale or empty package lists (a fresh CI image)
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-        done = subprocess.run(install, env=env, capture_output=True, text=True)
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
+        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise RuntimeError(f"apt-get install {' '.join(PACKAGES)} failed: {done.stderr.strip()[-500:]}")
     return None
@@ -46,21 +46,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_quietly(check, timeout: float) -> bool:
+def _wait(check, timeout: float) -> bool:
+    """Whether ``check()`` came true within ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)
     return True
-
-
-def _wait(check, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not happen within {timeout:.0f} s")
-        time.sleep(0.2)
 
 
 class Cluster:
@@ -118,10 +111,12 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                   f"--pid-file={self.munge_dir}/munged.pid", f"--log-file={self.munge_dir}/munged.log",
                   f"--seed-file={self.munge_dir}/munged.seed"]
         self._daemon(munged, "munged", user="munge")
-        _wait(self.socket.exists, "munged's socket appearing", 20)
+        if not _wait(self.socket.exists, 20):
+            raise RuntimeError(f"munged did not start (log: {self.munge_dir}/munged.log)")
         self._daemon(["/usr/sbin/slurmctld", "-D", "-i", "-f", str(self.conf)], "slurmctld")
         self._daemon(["/usr/sbin/slurmd", "-D", "-f", str(self.conf)], "slurmd")
-        _wait(lambda: self.node_state() == "IDLE", f"node {self.node} becoming idle (logs in {self.root})", 60)
+        if not _wait(lambda: self.node_state() == "IDLE", 60):
+            raise RuntimeError(f"node {self.node} did not become idle (logs in {self.root})")
 
     def _daemon(self, command: list[str], name: str, user: str | None = None) -> None:
         log = open(self.root / f"{name}.out", "wb")
@@ -141,16 +136,22 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             return ""
 
     def job(self, job_id: str) -> dict[str, str]:
-        """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, ...)."""
-        text = self.run("scontrol", "show", "job", "-o", job_id)
-        return dict(re.findall(r"(\w+)=(\S*)", text))
+        """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, ...). Asked up to three
+        times: on a loaded machine scontrol now and then loses its connection (SIGPIPE)."""
+        for _ in range(3):
+            done = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=self.env, capture_output=True,
+                                  text=True, timeout=60)
+            if done.returncode == 0:
+                return dict(re.findall(r"(\w+)=(\S*)", done.stdout))
+            time.sleep(1)
+        raise RuntimeError(f"scontrol show job {job_id} failed ({done.returncode}): {done.stderr.strip()}")
 
     def stop(self) -> None:
         """Cancel every job, stop the daemons (slurmd before slurmctld, munged last) and anything
         of a job left over; whatever happened before."""
         if self.daemons:
             subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=60)
-            _wait_quietly(lambda: not self.job_processes(), 20)
+            _wait(lambda: not self.job_processes(), 20)
         for daemon in reversed(self.daemons):
             if daemon.poll() is None:
                 daemon.terminate()
@@ -160,34 +161,24 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                     daemon.kill()
                     daemon.wait()
         self.daemons.clear()
-        for process in self.job_processes() + self._of_this_cluster("slurmstepd"):
+        for process in self.job_processes():
             try:
                 process.kill()
             except psutil.NoSuchProcess:
                 pass
 
-    def _of_this_cluster(self, name: str | None = None) -> list[psutil.Process]:
-        """Live processes started with this cluster's SLURM_CONF (named ``name``, if given)."""
-        found = []
-        for process in psutil.process_iter(["name"]):
-            try:
-                if name is not None and process.info["name"] != name:
-                    continue
-                if process.status() != psutil.STATUS_ZOMBIE and process.environ().get("SLURM_CONF") == str(self.conf):
-                    found.append(process)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return found
-
     def job_processes(self, job_id: str | None = None) -> list[psutil.Process]:
         """Live processes of this cluster's jobs (of ``job_id`` only, if given), found by their
-        environment: everything a job started, the helpers of its ranks included."""
+        environment (SLURM_CONF and SLURM_JOB_ID): everything a job started, the helpers of its
+        ranks included."""
         found = []
-        for process in self._of_this_cluster():
+        for process in psutil.process_iter():
             try:
-                job = process.environ().get("SLURM_JOB_ID")
-            except psutil.NoSuchProcess:
+                env = process.environ()
+                if process.status() == psutil.STATUS_ZOMBIE or env.get("SLURM_CONF") != str(self.conf):
+                    continue
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            if job is not None and job_id in (None, job):
+            if "SLURM_JOB_ID" in env and job_id in (None, env["SLURM_JOB_ID"]):
                 found.append(process)
         return found

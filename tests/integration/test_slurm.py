@@ -27,7 +27,7 @@ ENDED = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     reason = install_reason()
     if reason:
         pytest.skip(reason)
@@ -39,6 +39,9 @@ def cluster():
         yield started
     finally:
         started.stop()
+        logs = tmp_path_factory.mktemp("slurm-logs")  # the daemons' logs, kept with pytest's
+        for log in root.glob("*.log"):
+            shutil.copy(log, logs)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -95,14 +98,18 @@ def test_preemption_saves_requeues_and_resumes_where_it_saved(cluster, corpus, t
     _running_past(cluster, job, log, SIGNAL_AFTER)
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     _wait(lambda: _state(cluster, job) == "PENDING", f"job {job} requeued", 180, log)
+    requeued = time.monotonic()
     _wait(lambda: cluster.job_processes(job) == [], "the first run's processes ending", 10, log)
     first = log.read_text()
     saved = checkpoint.find_checkpoint(run_dir / "checkpoints")[0]  # complete, or this raises
     assert SIGNAL_AFTER < saved < TRAIN_ITERS and max(losses(first)) == saved
     assert int(SAVED.findall(first)[-1]) == saved and EXIT_MESSAGE in first
-    assert f"requeued job {job}" in first
+    assert f"requeueing job {job}" in first
 
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # else it waits 120 s
+    # A requeued job waits 120 s; started sooner, it must start in a later second than the requeue
+    # revoked its credential, or slurmd refuses it ("Job credential revoked") and it FAILS.
+    time.sleep(max(0.0, requeued + 2 - time.monotonic()))
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     _wait(lambda: _state(cluster, job) in ENDED, f"job {job} ending", 300, log)
     info = cluster.job(job)
     assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0"), info
@@ -127,4 +134,4 @@ def test_scancel_saves_and_ends_the_job_without_requeue(cluster, corpus, tmp_pat
     text = log.read_text()
     saved = checkpoint.find_checkpoint(run_dir / "checkpoints")[0]
     assert SIGNAL_AFTER < saved < TRAIN_ITERS and max(losses(text)) == saved and EXIT_MESSAGE in text
-    assert "USR1" not in text and f"requeued job {job}" not in text
+    assert "USR1" not in text and f"requeueing job {job}" not in text
