@@ -20,13 +20,14 @@ DAEMONS = ["/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd"]
 
 
 def install_reason() -> str | None:
-    """Install SLURM and munge from the distribution if missing; None when they are there, else
-    why this machine cannot have them (no root, no apt-get: the test is skipped with that reason).
-    An installation that fails where it should work (CI is root with apt) raises."""
+    """None when this machine can run the cluster (installing SLURM and munge from the
+    distribution if missing), else why not: no root (the daemons, and installing them, need it)
+    or no apt-get. The test is then skipped with that reason. An installation that fails where it
+    should work (CI is root with apt) raises."""
+    if os.geteuid() != 0:
+        return "a SLURM cluster (slurmctld, slurmd and munged, and installing them) needs root"
     if all(os.access(daemon, os.X_OK) for daemon in DAEMONS) and shutil.which("sbatch"):
         return None
-    if os.geteuid() != 0:
-        return "SLURM is not installed and installing it (apt-get install slurm-wlm munge) needs root"
     if not shutil.which("apt-get"):
         return "SLURM is not installed and this system has no apt-get to install slurm-wlm and munge"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
