@@ -11,7 +11,11 @@ PP=${PP:-1}
 MICRO_BATCH=${MICRO_BATCH:-4}
 GLOBAL_BATCH=${GLOBAL_BATCH:-256}
 TRAIN_ITERS=${TRAIN_ITERS:-100000}
-PRECISION=${PRECISION:---bf16}   # e.g. "--bf16 --fp8-format hybrid --fp8-recipe delayed" with Transformer Engine
+SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
+EVAL_INTERVAL=${EVAL_INTERVAL:-1000}
+LOG_INTERVAL=${LOG_INTERVAL:-10}
+PRECISION=${PRECISION---bf16}   # e.g. "--bf16 --fp8-format hybrid --fp8-recipe delayed" with Transformer Engine; empty: fp32
+EXTRA_ARGS=${EXTRA_ARGS:-}      # more pretrain_moh.py flags, last, so they override the ones above
 
 TRAIN_ARGS=(
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
@@ -21,12 +25,13 @@ TRAIN_ARGS=(
   $PRECISION
   --data-path $DATA_PATH --split 989,10,1
   --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
-  --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints" --save-interval 1000 --ckpt-format torch_dist
-  --eval-interval 1000 --eval-iters 20 --log-interval 10
+  --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints" --save-interval "$SAVE_INTERVAL" --ckpt-format torch_dist
+  --eval-interval "$EVAL_INTERVAL" --eval-iters 20 --log-interval "$LOG_INTERVAL"
   --tensorboard-dir "$RUN_DIR/tensorboard"
   --exit-signal-handler
 )
 [[ "$TP" -gt 1 ]] && TRAIN_ARGS+=(--sequence-parallel)
+TRAIN_ARGS+=($EXTRA_ARGS)
 
 # DRY_RUN=1 prints the pretrain_moh.py arguments, one per line, and exits before anything is
 # created or launched (tests use it).

@@ -14,13 +14,23 @@
   parameter gets its own ``step`` from its param group. Both ``dp_reshardable`` (megatron's
   default) and ``fully_reshardable`` (``--dist-ckpt-optim-fully-reshardable``, needed to change
   TP/PP) then resume exactly.
+* **Saves survive the job's signals**: megatron's torch_dist writer sends its results through a
+  queue served by a spawned ``multiprocessing`` manager process. That process sits in the rank's
+  process group, so the SIGTERM a scheduler sends to every process of a job (and torchrun
+  forwards with ``killpg``) killed it, and the save ``--exit-signal-handler`` starts on that very
+  signal died with BrokenPipeError. Here the manager ignores SIGTERM and SIGINT and exits when
+  the rank that started it dies (after ``kill -9`` it stayed alive forever, ~1 GB each).
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import os
 import pickle
+import signal
+import threading
+import time
 from typing import Any
 
 import torch
@@ -161,8 +171,49 @@ def _install_distributed_optimizer_fixes() -> None:
          params=("self", "model_param", "tensors"))
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Poll the parent pid and end this process once it changes (the parent died and this one was
+    reparented). Polling, not prctl(PR_SET_PDEATHSIG): that fires when the *thread* that started
+    the process ends, which would kill a manager started from a short-lived thread."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def shelter_helper(parent: int) -> None:
+    """Initializer of a helper process: outlive the job's SIGTERM/SIGINT (the rank decides when
+    to stop, and shuts its helpers down itself), but not the rank ``parent`` that started it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
+
+
+def _sheltered_queue(get_write_results_queue: Any) -> Any:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    @functools.wraps(get_write_results_queue)
+    def get_write_results_queue_sheltered(mp_mode: str = "spawn"):
+        if filesystem_async._results_queue is None:
+            from multiprocessing.managers import SyncManager
+
+            manager = SyncManager(ctx=filesystem_async.mp.get_context(mp_mode))
+            manager.start(initializer=shelter_helper, initargs=(os.getpid(),))
+            filesystem_async._results_queue = manager.Queue()  # what the original creates and returns
+        return get_write_results_queue(mp_mode)
+
+    return get_write_results_queue_sheltered
+
+
+def _install_sheltered_writer() -> None:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    wrap(filesystem_async, "get_write_results_queue", _sheltered_queue, params=("mp_mode",),
+         why="the checkpoint writer's manager process survives the job's SIGTERM and dies with its rank")
+
+
 def install() -> None:
-    """Safe loading and exact distributed-optimizer resume (idempotent; call before the first
-    checkpoint is read)."""
+    """Safe loading, exact distributed-optimizer resume and saves that survive the job's signals
+    (idempotent; call before the first checkpoint is read or written)."""
     _install_safe_loading()
     _install_distributed_optimizer_fixes()
+    _install_sheltered_writer()

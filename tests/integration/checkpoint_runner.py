@@ -8,11 +8,12 @@ import contextlib
 import io
 import os
 import signal
-from typing import Any
+from typing import Any, Callable
 
 
-def _record_losses(train, losses: list[tuple[int, float]]) -> None:
-    """Wrap the forward step pretrain_moh hands to megatron so each training micro-batch's loss is kept."""
+def record_losses(train, record: Callable[[tuple[int, float]], None]) -> None:
+    """Wrap the forward step pretrain_moh hands to megatron so that ``record`` gets each training
+    micro-batch's (iteration counted from 0, exact loss)."""
     from megatron.training import get_args
 
     forward_step = train.forward_step
@@ -23,7 +24,7 @@ def _record_losses(train, losses: list[tuple[int, float]]) -> None:
         def recording_loss_fn(output_tensor):
             result = loss_fn(output_tensor)
             if model.training:  # not evaluation
-                losses.append((get_args().curr_iteration, float(result[0])))
+                record((get_args().curr_iteration, float(result[0])))
             return result
 
         return output, recording_loss_fn
@@ -45,7 +46,7 @@ def run_worker(rank: int, world: int, argv: list[str], signal_at: int | None = N
     from megatron_moh import train
 
     losses: list[tuple[int, float]] = []
-    _record_losses(train, losses)
+    record_losses(train, losses.append)
     recorded = train.forward_step
 
     def forward_step_with_events(data_iterator, model, *args, **kwargs):
@@ -94,11 +95,14 @@ def stalled_save_worker(rank: int, world: int, argv: list[str], stall_iteration:
     return run_worker(rank, world, argv)
 
 
-def kill_during_save(argv: list[str], stall_iteration: int, marker: str, timeout: float = 300) -> int:
+def kill_during_save(argv: list[str], stall_iteration: int, marker: str, timeout: float = 300) -> tuple[int, list]:
     """Run ``pretrain_moh.py argv`` in one forked rank, SIGKILL it once the save of
-    ``stall_iteration`` has begun writing; return the process's exit code (-9)."""
+    ``stall_iteration`` has begun writing; return the process's exit code (-9) and the helper
+    processes it had started (psutil.Process), which nobody else stops."""
     import tempfile
     import time
+
+    import psutil
 
     from tests import launcher
 
@@ -112,16 +116,9 @@ def kill_during_save(argv: list[str], stall_iteration: int, marker: str, timeout
         while not os.path.exists(marker) and process.is_alive() and time.time() < deadline:
             time.sleep(0.1)
         stalled = os.path.exists(marker)
-        # megatron's checkpointing starts helper processes (a multiprocessing manager); a real
-        # SIGKILL would orphan them, so end them too, by pid.
-        import psutil
-
         helpers = psutil.Process(process.pid).children(recursive=True) if process.is_alive() else []
         process.kill()
         process.join()
-        for helper in helpers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                helper.kill()
     if not stalled:
         raise AssertionError(f"the save of iteration {stall_iteration} never started writing")
-    return process.exitcode
+    return process.exitcode, helpers

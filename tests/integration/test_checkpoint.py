@@ -19,6 +19,7 @@ import torch
 from megatron_moh import checkpoint
 from tests.helpers import assert_one_line_refusal
 from tests.integration.checkpoint_runner import kill_during_save, run_worker
+from tests.integration.jobs import survivors
 from tests.integration.pretrain_runner import SMALL_MODEL, exit_message_worker
 from tests.launcher import launch
 
@@ -132,7 +133,11 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, unin
     marker = tmp_path / "writing"
     root = tmp_path / "ckpt"
     argv = [*MODEL, "--train-iters", str(ITERS), "--save", str(root), "--save-interval", "2"]
-    assert kill_during_save(argv, stall_iteration=4, marker=str(marker)) == -9
+    code, helpers = kill_during_save(argv, stall_iteration=4, marker=str(marker))
+    assert code == -9
+    # The checkpoint writer's helper (a ~1 GB spawned manager) dies with the rank, orphaned by nobody.
+    assert helpers, "the rank had started no helper process"
+    assert survivors(helpers, timeout=10) == []
     # The save of iteration 4 had written data but not its metadata; the tracker still says 2.
     partial = root / "iter_0000004"
     assert any(partial.glob("*.distcp")) and not (partial / ".metadata").exists()

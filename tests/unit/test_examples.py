@@ -45,3 +45,14 @@ def test_paper_hyper_parameters():
     assert shape == (24, 1536, 4096, 16, 96)
     recipe = (args.lr, args.min_lr, args.lr_warmup_iters, args.weight_decay, args.clip_grad)
     assert recipe == (5e-4, 5e-5, 500, 0.1, 1.0)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_intervals_precision_and_extra_flags_come_from_the_environment(script, tmp_path):
+    run_dir = tmp_path / "run"
+    flags = _flags(script, "moh_llm_s", SAVE_INTERVAL="7", EVAL_INTERVAL="9", LOG_INTERVAL="1", PRECISION="",
+                   EXTRA_ARGS="--num-layers 2 --eval-iters 0", RUN_DIR=str(run_dir))
+    args = parse_megatron_args(flags, validate=False)
+    assert (args.save_interval, args.eval_interval, args.log_interval) == (7, 9, 1)
+    assert not args.bf16 and (args.num_layers, args.eval_iters) == (2, 0)  # EXTRA_ARGS come last and win
+    assert not run_dir.exists()  # DRY_RUN creates nothing
