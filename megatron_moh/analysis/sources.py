@@ -109,7 +109,7 @@ def draw_tokens(source: TokenSource, num_tokens: int, *, tokenizer: Any, vocab_s
         ids = documents[int(index)]
         if len(ids) == 0:
             continue
-        taken.append(numpy.asarray(ids, dtype=numpy.int64))
+        taken.append(numpy.array(ids, dtype=numpy.int64))  # a copy: the dataset's memory map closes
         chosen.append(int(index))
         total += len(ids)
         if total >= num_tokens:
