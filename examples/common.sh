@@ -23,7 +23,7 @@ TRAIN_ARGS=(
   --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
   --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints" --save-interval 1000 --ckpt-format torch_dist
   --eval-interval 1000 --eval-iters 20 --log-interval 10
-  --tensorboard-dir "$RUN_DIR/tensorboard"
+  --tensorboard-dir "$RUN_DIR/tensorboard" --log-timers-to-tensorboard  # iteration time, TFLOP/s: tools/compare_runs.py
   --exit-signal-handler
 )
 [[ "$TP" -gt 1 ]] && TRAIN_ARGS+=(--sequence-parallel)

@@ -107,10 +107,21 @@ def _scalar(events) -> Scalar:
                   numpy.array([last[s].wall_time for s in steps]))
 
 
-def run_names(paths: list[str]) -> list[str]:
-    """Short labels: each directory's name, or its path where two names would collide."""
-    names = [Path(p).resolve().name for p in paths]
-    return [str(Path(p)) if names.count(n) > 1 else n for p, n in zip(paths, names)]
+def parse_runs(specs: list[str]) -> list[tuple[str, str]]:
+    """``RUN_DIR`` or ``NAME=RUN_DIR`` -> (label, directory). An unnamed run is labelled by its
+    directory's name, or by its path where two names would collide."""
+    runs = []
+    for spec in specs:
+        name, named, path = spec.partition("=")
+        if not named or Path(spec).exists():  # a directory whose name holds '='
+            name, path = "", spec
+        runs.append((name, path))
+    default = [Path(path).resolve().name for _, path in runs]
+    labels = [name or (path if default.count(d) > 1 else d) for (name, path), d in zip(runs, default)]
+    if len(set(labels)) != len(labels):
+        raise RunError(f"two runs are labelled {next(n for n in labels if labels.count(n) > 1)!r}; "
+                       f"name them NAME=RUN_DIR")
+    return [(label, path) for label, (_, path) in zip(labels, runs)]
 
 
 @dataclass

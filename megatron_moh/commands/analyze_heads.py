@@ -9,7 +9,7 @@ whole into one process (CPU, or the GPU when there is one) and run in evaluation
 ``NAME=FILE.txt|.jsonl`` (tokenized with the checkpoint's tokenizer). Writes to ``--out``:
 ``head_load_NAME.png`` (layers x routed heads: fraction of tokens routed to each head, the paper's
 head-load figure), ``mean_gate_NAME.png``, ``head_load_NAME_minus_FIRST.png`` (difference to the first
-dataset), ``entropy.png``, ``overlap.png`` and ``heads.json`` (every number); prints a table.
+dataset), ``entropy.png``, ``overlap.png``, ``heads.json`` (every number) and ``table.txt``, the table it prints.
 The statistics are defined in `megatron_moh.analysis.heads`. Bad input stops with one line before
 the model is loaded.
 """
@@ -144,5 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     report = build_report(checkpoint, layout, samples, stats)
     (out / "heads.json").write_text(json.dumps(report, indent=1))
     written = write_figures(report, out)
-    print(format_table(report))
-    print(f"{PROG}: wrote {out / 'heads.json'} and {len(written)} figures in {out}")
+    table = format_table(report)
+    (out / "table.txt").write_text(table + "\n")
+    print(table)
+    print(f"{PROG}: wrote heads.json, table.txt and {len(written)} figures to {out}")

@@ -171,10 +171,11 @@ def per_iteration(values):
 
 
 def test_compare_runs_reads_the_runs(trained, tmp_path):
-    message, stdout = run_tool(compare_runs.main, [trained["moh"]["tb"], trained["dense"]["tb"], "--out", tmp_path])
+    message, stdout = run_tool(compare_runs.main, [f"moh={trained['moh']['tb']}", trained["dense"]["tb"].parent,
+                                                   "--out", tmp_path])
     assert message is None, message
     rows = json.loads((tmp_path / "summary.json").read_text())
-    assert [row["run"] for row in rows] == [str(trained[n]["tb"]) for n in ("moh", "dense")]  # both are named tb
+    assert [row["run"] for row in rows] == ["moh", trained["dense"]["tb"].parent.name]
     for row, name in zip(rows, ("moh", "dense")):
         out = trained[name]["out"]
         losses = per_iteration(logged(out, r"\| lm loss: ([0-9.E+-]+) \|"))

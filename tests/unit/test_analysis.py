@@ -90,3 +90,14 @@ def test_run_reader_refuses_what_is_not_a_megatron_log(tmp_path):
         runs.read_run(tmp_path, "x")
     assert str(other.value) == (f"{tmp_path / 'other'} logged no 'lm loss': not a megatron training run, "
                                 f"or it stopped before its first logged iteration")
+
+
+def test_run_labels(tmp_path):
+    (tmp_path / "a" / "tb").mkdir(parents=True)
+    (tmp_path / "b" / "tb").mkdir(parents=True)
+    a, b = str(tmp_path / "a" / "tb"), str(tmp_path / "b" / "tb")
+    assert runs.parse_runs([str(tmp_path / "a"), f"x={b}"]) == [("a", str(tmp_path / "a")), ("x", b)]
+    assert runs.parse_runs([a, b]) == [(a, a), (b, b)]  # both are called tb: their paths label them
+    with pytest.raises(runs.RunError) as twice:
+        runs.parse_runs([f"x={a}", f"x={b}"])
+    assert str(twice.value) == "two runs are labelled 'x'; name them NAME=RUN_DIR"
