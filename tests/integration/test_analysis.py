@@ -69,15 +69,16 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus):
-    """pretrain_moh.py runs of the MoH model and its dense baseline: checkpoint, TensorBoard, stdout."""
+    """pretrain_moh.py runs of the MoH model (at TP=2, which the tool loads whole) and its dense
+    baseline: checkpoint, TensorBoard, the stdout of the rank that logs."""
     data = ["--data-path", corpus / "prose", "--tokenizer-model", corpus / "tok.model"]
     results = {}
-    for name, flags in {"moh": [], "dense": ["--moh-dense-baseline"]}.items():
+    for name, flags, ranks in (("moh", ["--tensor-model-parallel-size", "2"], 2), ("dense", ["--moh-dense-baseline"], 1)):
         root = tmp_path_factory.mktemp(name)
         argv = [str(a) for a in [*TRAIN, *flags, *data, "--save", root / "ckpt", "--tensorboard-dir", root / "tb"]]
-        (result,) = launch(run_worker, 1, argv, timeout=600)
-        assert result["code"] is None, result["out"][-2000:]
-        results[name] = dict(ckpt=root / "ckpt", tb=root / "tb", out=result["out"])
+        *_, last = launch(run_worker, ranks, argv, timeout=600)
+        assert last["code"] is None, last["out"][-2000:]
+        results[name] = dict(ckpt=root / "ckpt", tb=root / "tb", out=last["out"], world_size=ranks)
     return results
 
 
@@ -180,7 +181,7 @@ def test_compare_runs_reads_the_runs(trained, tmp_path):
         out = trained[name]["out"]
         losses = per_iteration(logged(out, r"\| lm loss: ([0-9.E+-]+) \|"))
         validation = logged(out, r"validation loss at iteration \d+.*?lm loss value: ([0-9.E+-]+)")
-        assert row["iterations"] == 6 and row["tokens"] == 6 * 8 * SEQ and row["world_size"] == 1
+        assert row["iterations"] == 6 and row["tokens"] == 6 * 8 * SEQ and row["world_size"] == trained[name]["world_size"]
         assert row["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
         assert row["val_loss"] == pytest.approx(validation[-1], rel=1e-5)
         assert row["val_ppl"] == pytest.approx(math.exp(validation[-1]), rel=1e-4)
