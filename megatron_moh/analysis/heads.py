@@ -7,7 +7,8 @@ sees:
 - head load: the fraction of tokens whose top-k includes the head (uniform routing: k / E);
 - mean gate: the mean gate value the head's output is multiplied by, over the tokens that chose it
   (weighted gates: ``k * p_i / sum_topk p``, times the two-stage weight; binary: 1);
-- routing entropy: ``-sum_i p_i ln p_i`` of the routed probabilities, per token (at most ln E);
+- routing entropy: ``-sum_i p_i ln p_i`` of the routed probabilities, per token (at most ln E),
+  as its mean and standard deviation over tokens;
 - adjacent overlap: ``|chosen(t) & chosen(t+1)| / k`` for neighbouring tokens of one sequence
   (1: the next token keeps the same heads; independent uniform routing: k / E).
 
@@ -17,6 +18,7 @@ into the JSON and the text table of ``tools/analyze_heads.py``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,7 +60,7 @@ class RoutingRecorder:
     def reset(self) -> None:
         """Zero the counts."""
         layers, heads = len(self.routers), self.num_routed
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        zeros = functools.partial(torch.zeros, dtype=torch.float64)
         self.tokens = zeros(layers)
         self.chosen, self.gate_sum = zeros(layers, heads), zeros(layers, heads)
         self.entropy_sum, self.entropy_sq_sum = zeros(layers), zeros(layers)

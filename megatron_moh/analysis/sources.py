@@ -75,7 +75,7 @@ def checkpoint_tokenizer(saved: argparse.Namespace, tokenizer_model: str | None,
     if path is None:
         if needed:
             where = (f"its tokenizer {recorded} is not on this machine" if recorded
-                     else f"it was trained with {getattr(saved, 'tokenizer_type', 'no')} tokenizer model")
+                     else f"it was trained with {getattr(saved, 'tokenizer_type', None)}, which has no model file")
             raise DataError(f"text --data needs the checkpoint's tokenizer, but {where}; pass --tokenizer-model")
         return None
     tokenizer = tok.load_tokenizer(path)
@@ -99,8 +99,10 @@ def draw_tokens(source: TokenSource, num_tokens: int, *, tokenizer: Any, vocab_s
     is missing, empty, or not made with a tokenizer that fits ``vocab_size`` ids."""
     label = f"--data {source.name}={source.path}"
     try:
-        documents = _text_documents(source, tokenizer) if source.is_text else _indexed_documents(source, tokenizer,
-                                                                                                 vocab_size)
+        if source.is_text:
+            documents = _text_documents(source, tokenizer)
+        else:
+            documents = _indexed_documents(source, tokenizer, vocab_size)
     except DataError as err:
         raise DataError(f"{label}: {err}") from None
     order = numpy.random.default_rng(seed).permutation(len(documents))

@@ -3,10 +3,11 @@
     megatron-moh-compare-runs runs/dense runs/moh75 baseline=runs/old/tensorboard --out runs/compare
 
 (or ``python tools/compare_runs.py ...``). Each RUN_DIR is a run's ``--tensorboard-dir`` or a
-directory above exactly one, labelled by its name or as ``NAME=RUN_DIR``. Writes ``compare_runs.png`` (training and validation loss against
-tokens seen and against wall-clock time, the load-balance loss, tokens/s), ``summary.json`` and
-``summary.md`` to ``--out`` and prints the final values as a Markdown table: tokens seen, losses, perplexity,
-tokens/s, TFLOP/s per GPU and, given ``--peak-tflops``, MFU. Reads megatron's own scalar names
+directory above exactly one, labelled by its name or as ``NAME=RUN_DIR``. Writes ``compare_runs.png``
+(training and validation loss against tokens seen and against wall-clock time, the load-balance
+loss, tokens/s), ``summary.json`` and ``summary.md`` to ``--out`` and prints the final values as a
+Markdown table: tokens seen, losses, perplexity, tokens/s, TFLOP/s per GPU and, given
+``--peak-tflops``, MFU. Reads megatron's own scalar names
 (`megatron_moh.analysis.runs`).
 """
 

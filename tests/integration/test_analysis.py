@@ -73,7 +73,8 @@ def trained(tmp_path_factory, corpus):
     baseline: checkpoint, TensorBoard, the stdout of the rank that logs."""
     data = ["--data-path", corpus / "prose", "--tokenizer-model", corpus / "tok.model"]
     results = {}
-    for name, flags, ranks in (("moh", ["--tensor-model-parallel-size", "2"], 2), ("dense", ["--moh-dense-baseline"], 1)):
+    layouts = (("moh", ["--tensor-model-parallel-size", "2"], 2), ("dense", ["--moh-dense-baseline"], 1))
+    for name, flags, ranks in layouts:
         root = tmp_path_factory.mktemp(name)
         argv = [str(a) for a in [*TRAIN, *flags, *data, "--save", root / "ckpt", "--tensorboard-dir", root / "tb"]]
         *_, last = launch(run_worker, ranks, argv, timeout=600)
@@ -150,7 +151,8 @@ def test_figures_and_table(analysed):
     for name, inches in expected.items():
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.size == plots.pixels(inches), name
-    rows = [line.split() for line in analysed["stdout"].splitlines() if re.match(r"^ *\d* +(prose|code|repeated) ", line)]
+    rows = [line.split() for line in analysed["stdout"].splitlines()
+            if re.match(r"^ *\d* +(prose|code|repeated) ", line)]
     assert len(rows) == 2 * len(names)
     for i, row in enumerate(rows):
         layer, name = i // len(names), row[-7]
@@ -181,7 +183,7 @@ def test_compare_runs_reads_the_runs(trained, tmp_path):
         out = trained[name]["out"]
         losses = per_iteration(logged(out, r"\| lm loss: ([0-9.E+-]+) \|"))
         validation = logged(out, r"validation loss at iteration \d+.*?lm loss value: ([0-9.E+-]+)")
-        assert row["iterations"] == 6 and row["tokens"] == 6 * 8 * SEQ and row["world_size"] == trained[name]["world_size"]
+        assert (row["iterations"], row["tokens"], row["world_size"]) == (6, 6 * 8 * SEQ, trained[name]["world_size"])
         assert row["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
         assert row["val_loss"] == pytest.approx(validation[-1], rel=1e-5)
         assert row["val_ppl"] == pytest.approx(math.exp(validation[-1]), rel=1e-4)
@@ -213,7 +215,8 @@ def test_analyze_heads_refuses_bad_input_before_work(trained, corpus, tmp_path):
     prose, ckpt = f"prose={corpus / 'prose'}", trained["moh"]["ckpt"]
     cases = {
         "missing checkpoint": (["--load", tmp_path / "nothing", "--data", prose],
-                               f"{tmp_path / 'nothing'} does not exist: pass a directory that a run saved to with --save"),
+                               f"{tmp_path / 'nothing'} does not exist: pass a directory that a run saved to with "
+                               f"--save"),
         "dense checkpoint": (["--load", trained["dense"]["ckpt"], "--data", prose],
                              f"{trained['dense']['ckpt']} holds a dense model (--moh-dense-baseline or no MoH "
                              f"arguments): it has no head router to analyse"),

@@ -65,7 +65,8 @@ def test_compare_moh_dense_trains_three_layouts_alike(env):
                 setattr(args, key, value)
         resolve_moh_defaults(args)
         check_moh_config(args)
-        active[name] = 1.0 if args.moh_dense_baseline else (args.moh_num_shared_heads + args.moh_topk) / args.num_attention_heads
+        heads = args.moh_num_shared_heads + args.moh_topk
+        active[name] = 1.0 if args.moh_dense_baseline else heads / args.num_attention_heads
         assert args.tensorboard_dir == f"runs/compare/{name}/tensorboard" and args.log_timers_to_tensorboard
         settings.append({k: v for k, v in vars(args).items()
                          if not k.startswith("moh_") and k not in ("save", "load", "tensorboard_dir")})
