@@ -16,6 +16,8 @@ setup(
             "megatron-moh-convert = megatron_moh.commands.convert_checkpoint:main",
             "megatron-moh-preprocess = megatron_moh.commands.preprocess_data:main",
             "megatron-moh-train-tokenizer = megatron_moh.commands.train_tokenizer:main",
+            "megatron-moh-analyze-heads = megatron_moh.commands.analyze_heads:main",
+            "megatron-moh-compare-runs = megatron_moh.commands.compare_runs:main",
         ],
     },
     install_requires=[
@@ -34,7 +36,9 @@ setup(
     extras_require={
         # Transformer Engine builds against CUDA on a GPU machine; see README, "Optional extras".
         "te": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8", "pytest-timeout", "lm-eval>=0.4", "accelerate", "ruff"],
+        "test": ["pytest>=8", "pytest-timeout", "lm-eval>=0.4", "accelerate", "ruff", "matplotlib>=3.8"],
         "eval": ["lm-eval>=0.4"],
+        # tools/analyze_heads.py and tools/compare_runs.py draw their figures with matplotlib.
+        "analysis": ["matplotlib>=3.8"],
     },
 )

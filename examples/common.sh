@@ -27,7 +27,7 @@ TRAIN_ARGS=(
   --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
   --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints" --save-interval "$SAVE_INTERVAL" --ckpt-format torch_dist
   --eval-interval "$EVAL_INTERVAL" --eval-iters 20 --log-interval "$LOG_INTERVAL"
-  --tensorboard-dir "$RUN_DIR/tensorboard"
+  --tensorboard-dir "$RUN_DIR/tensorboard" --log-timers-to-tensorboard  # iteration time, TFLOP/s: tools/compare_runs.py
   --exit-signal-handler
 )
 [[ "$TP" -gt 1 ]] && TRAIN_ARGS+=(--sequence-parallel)

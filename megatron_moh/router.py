@@ -81,6 +81,12 @@ class HeadRouter(MegatronModule):
         self.register_buffer("head_usage", torch.zeros(max(self.num_routed, 0)), persistent=False)
         self.register_buffer("tokens_routed", torch.zeros(()), persistent=False)
 
+    def route(self, hidden_states: Tensor, query: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Gates over all heads ``[s, b, H]`` (float32, before the TP slicing and the load-balance
+        loss), the routed probabilities ``[s, b, E]`` and the 0/1 top-k mask (None without routed
+        heads). `forward` applies exactly these gates; the analysis tools read the rest."""
+        raise NotImplementedError
+
     def local_heads(self, gates: Tensor) -> Tensor:
         """This rank's slice of a ``[..., H]`` gate tensor."""
         return gates[..., self.head_offset : self.head_offset + self.heads_per_rank]
@@ -145,13 +151,13 @@ class LearnedHeadRouter(HeadRouter):
         # Each TP rank sees only its tokens under SP: finalize_model_grads sums the grads.
         self.weight.sequence_parallel = config.sequence_parallel
 
-    def forward(self, hidden_states: Tensor, query: Tensor) -> Tensor:
-        """Gates of this rank's heads, ``[s, b, heads_per_rank]`` in float32."""
+    def route(self, hidden_states: Tensor, query: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """See `HeadRouter.route`; under sequence parallelism, of this rank's tokens only."""
         logits = F.linear(hidden_states, self.weight).float()
         shared_logits, routed_logits, stage_logits = logits.split(
             [self.num_shared_logits, self.num_routed, self.num_stage_logits], dim=-1
         )
-        gates, probs, mask = gates_from_logits(
+        return gates_from_logits(
             logits,
             routed_logits if self.num_routed else None,
             shared_logits if self.num_shared_logits else None,
@@ -160,6 +166,10 @@ class LearnedHeadRouter(HeadRouter):
             self.topk,
             self.config.moh_gate,
         )
+
+    def forward(self, hidden_states: Tensor, query: Tensor) -> Tensor:
+        """Gates of this rank's heads, ``[s, b, heads_per_rank]`` in float32."""
+        gates, probs, mask = self.route(hidden_states, query)
         sequence_parallel = self.config.sequence_parallel and self.tp_size > 1
         if self.num_routed:
             gates = self.add_load_balance_loss(gates, probs, mask, partial_tokens=sequence_parallel)
@@ -178,17 +188,19 @@ class QueryNormHeadRouter(HeadRouter):
 
     eps = 1e-6
 
-    def forward(self, hidden_states: Tensor, query: Tensor) -> Tensor:
-        """Gates of this rank's heads, ``[s, b, heads_per_rank]`` in float32."""
+    def route(self, hidden_states: Tensor, query: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """See `HeadRouter.route`."""
         norms = query.float().norm(dim=-1)  # [s, b, heads_per_rank]
         norms = gather_from_tensor_model_parallel_region(norms, group=self.tp_group)
         routed_logits = None
         if self.num_routed:
             routed = norms[..., self.num_shared :]
             routed_logits = routed / routed.std(dim=-1, keepdim=True).clamp_min(self.eps)
-        gates, probs, mask = gates_from_logits(
-            norms, routed_logits, None, None, self.num_shared, self.topk, self.config.moh_gate
-        )
+        return gates_from_logits(norms, routed_logits, None, None, self.num_shared, self.topk, self.config.moh_gate)
+
+    def forward(self, hidden_states: Tensor, query: Tensor) -> Tensor:
+        """Gates of this rank's heads, ``[s, b, heads_per_rank]`` in float32."""
+        gates, probs, mask = self.route(hidden_states, query)
         if self.num_routed:
             gates = self.add_load_balance_loss(gates, probs, mask, partial_tokens=False)
         gates = copy_to_tensor_model_parallel_region(gates, group=self.tp_group)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_moh.arguments import parse_megatron_args
+from megatron_moh.arguments import TINY_MODEL, parse_megatron_args
 from megatron_moh.config import check_moh_config, resolve_moh_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,3 +56,32 @@ def test_intervals_precision_and_extra_flags_come_from_the_environment(script, t
     assert (args.save_interval, args.eval_interval, args.log_interval) == (7, 9, 1)
     assert not args.bf16 and (args.num_layers, args.eval_iters) == (2, 0)  # EXTRA_ARGS come last and win
     assert not run_dir.exists()  # DRY_RUN creates nothing
+
+
+@pytest.mark.parametrize("env", [{}, dict(MODEL="moh_llm_s", DATA_PATH="/data/a", TOKENIZER_MODEL="/data/tok.model")],
+                         ids=["cpu", "gpu"])
+def test_compare_moh_dense_trains_three_layouts_alike(env):
+    """examples/compare_moh_dense.sh: dense, 75% and 50% active heads; every other flag equal."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("MODEL", "DATA_PATH", "TOKENIZER_MODEL")}
+    out = subprocess.run(["bash", str(ROOT / "examples/compare_moh_dense.sh")],
+                         env=dict(environment, DRY_RUN="1", **env), capture_output=True, text=True, check=True).stdout
+    runs = {}
+    for block in out.split("# ")[1:]:
+        name, *flags = block.splitlines()
+        runs[name] = flags
+    assert list(runs) == ["dense", "moh75", "moh50"]
+    active, settings = {}, []
+    for name, flags in runs.items():
+        args = parse_megatron_args(flags, validate=False)
+        for key, value in TINY_MODEL.items():  # pretrain_moh.py's preset where the flags leave a size unset
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        resolve_moh_defaults(args)
+        check_moh_config(args)
+        heads = args.moh_num_shared_heads + args.moh_topk
+        active[name] = 1.0 if args.moh_dense_baseline else heads / args.num_attention_heads
+        assert args.tensorboard_dir == f"runs/compare/{name}/tensorboard" and args.log_timers_to_tensorboard
+        settings.append({k: v for k, v in vars(args).items()
+                         if not k.startswith("moh_") and k not in ("save", "load", "tensorboard_dir")})
+    assert active == {"dense": 1.0, "moh75": 0.75, "moh50": 0.5}
+    assert settings[1] == settings[0] and settings[2] == settings[0]  # same seed, data, token budget, recipe
