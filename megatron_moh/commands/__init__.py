@@ -4,6 +4,11 @@ console scripts."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from megatron_moh.outputs import describe_os_error
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -12,3 +17,15 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str) -> Iterator[None]:
+    """Bad input (ValueError) and unusable paths (OSError) end the program with one line on stderr
+    and exit code 2."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        message = describe_os_error(err) if isinstance(err, OSError) else str(err)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

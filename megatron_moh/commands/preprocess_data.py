@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from megatron_moh import tokenizer
-from megatron_moh.commands import OneLineParser
+from megatron_moh.commands import OneLineParser, one_line_errors
 from megatron_moh.data import preprocess
 from megatron_moh.data.validation import DataError
-from megatron_moh.outputs import describe_os_error, removed_on_failure
+from megatron_moh.outputs import removed_on_failure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     """Check inputs, tokenizer and output first, then tokenize; one-line error and exit 2 if bad."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors(parser.prog):
         if args.workers < 1:
             raise DataError(f"--workers {args.workers}; use 1 or more")
         preprocess.check_input_files(args.input, args.json_key)
@@ -66,12 +65,6 @@ def main(argv: list[str] | None = None) -> int:
                 progress=progress,
                 total=total,
             )
-    except OSError as err:
-        print(f"{parser.prog}: error: {describe_os_error(err)}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
     print(
         f"wrote {args.output_prefix}.bin/.idx: {stats.documents} documents, {stats.tokens} tokens "
         f"(max id {stats.max_token_id} < vocab {stats.vocab_size}), {stats.skipped_empty} empty "

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 from megatron_moh import tokenizer
-from megatron_moh.commands import OneLineParser
+from megatron_moh.commands import OneLineParser, one_line_errors
 from megatron_moh.data import corpus, preprocess
-from megatron_moh.outputs import describe_os_error, removed_on_failure, unwritable_reason
+from megatron_moh.outputs import removed_on_failure, unwritable_reason
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     """Check everything cheap first, then train; one-line error and exit code 2 on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors(parser.prog):
         if args.input:
             preprocess.check_input_files(args.input, args.json_key)
         if args.vocab_size < tokenizer.MIN_VOCAB_SIZE:
@@ -74,11 +73,5 @@ def main(argv: list[str] | None = None) -> int:
                 documents, args.model_prefix, args.vocab_size, overwrite=args.overwrite,
                 seed=args.seed, num_threads=args.num_threads,
             )
-    except OSError as err:
-        print(f"{parser.prog}: error: {describe_os_error(err)}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
     print(f"wrote {model} (vocab {args.vocab_size}) in {time.time() - start:.1f} s")
     return 0

@@ -222,6 +222,13 @@ def test_text_inputs_split_into_documents(tmp_path, model_400):
     assert stats.documents == 3
 
 
+def _exit_code(main, argv):
+    """A command's exit status as the shell sees it (returned, or raised with SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
 def test_preprocess_cli_rejects_bad_input_before_work(jsonl_input, model_400, tmp_path, capsys):
     path, _ = jsonl_input
     out = str(tmp_path / "existing")
@@ -245,7 +252,7 @@ def test_preprocess_cli_rejects_bad_input_before_work(jsonl_input, model_400, tm
         "without it": argv(prefix=f"{out}.bin"),
     }
     for needle, args in cases.items():
-        assert preprocess_data.main(args) == 2, needle
+        assert _exit_code(preprocess_data.main, args) == 2, needle
         err = capsys.readouterr().err.strip()
         assert needle in err and "\n" not in err, err
     assert Path(f"{out}.bin").read_bytes() == before
@@ -260,8 +267,8 @@ def test_train_tokenizer_cli(jsonl_input, tmp_path, capsys):
     assert train_tokenizer.main(argv) == 0
     assert tk.load_tokenizer(f"{prefix}.model").vocab_size == 450
     capsys.readouterr()
-    assert train_tokenizer.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
-    assert train_tokenizer.main(argv[:-1] + ["100", "--overwrite"]) == 2
+    assert _exit_code(train_tokenizer.main, argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert _exit_code(train_tokenizer.main, argv[:-1] + ["100", "--overwrite"]) == 2
     assert "too small" in capsys.readouterr().err
 
 
