@@ -62,8 +62,10 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters and activations")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense peak for MFU (default: known GPUs' bf16 peak)")
-    parser.add_argument("--no-megatron-core-row", dest="megatron_core_row", action="store_false",
-                        help="skip the dense model with megatron's DotProductAttention core")
+    parser.add_argument("--rows", nargs="+", default=["dense", "dense_megatron_core", "moh75",
+                                                      "moh75_query_norm", "moh50", "moh75_sparse",
+                                                      "moh50_sparse"],
+                        help="models to time, the dense baseline first (default: all)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/)")
     args = parser.parse_args()
@@ -77,18 +79,25 @@ def main() -> None:
 
     h = args.heads
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    # (label, moh, router, shared, topk, impl, attention backend)
-    settings = [("dense attention", False, "learned", h, 0, "dense", AttnBackend.auto)]
-    if args.megatron_core_row:
-        settings.append(("dense, megatron DotProductAttention core", False, "learned", h, 0, "dense",
-                         AttnBackend.unfused))
-    settings += [("MoH learned, 75% active", True, "learned", h // 2, h // 4, "dense", AttnBackend.auto),
-                 ("MoH query_norm, 75% active", True, "query_norm", h // 2, h // 4, "dense", AttnBackend.auto),
-                 ("MoH learned, 50% active", True, "learned", h // 4, h // 4, "dense", AttnBackend.auto),
-                 ("MoH learned, 75% active, head-sparse", True, "learned", h // 2, h // 4, "sparse",
-                  AttnBackend.auto),
-                 ("MoH learned, 50% active, head-sparse", True, "learned", h // 4, h // 4, "sparse",
-                  AttnBackend.auto)]
+    # key: (label, moh, router, shared, topk, impl, attention backend)
+    table = {
+        "dense": ("dense attention", False, "learned", h, 0, "dense", AttnBackend.auto),
+        "dense_megatron_core": ("dense, megatron DotProductAttention core", False, "learned", h, 0,
+                                "dense", AttnBackend.unfused),
+        "moh75": ("MoH learned, 75% active", True, "learned", h // 2, h // 4, "dense", AttnBackend.auto),
+        "moh75_query_norm": ("MoH query_norm, 75% active", True, "query_norm", h // 2, h // 4, "dense",
+                             AttnBackend.auto),
+        "moh50": ("MoH learned, 50% active", True, "learned", h // 4, h // 4, "dense", AttnBackend.auto),
+        "moh75_sparse": ("MoH learned, 75% active, head-sparse", True, "learned", h // 2, h // 4,
+                         "sparse", AttnBackend.auto),
+        "moh50_sparse": ("MoH learned, 50% active, head-sparse", True, "learned", h // 4, h // 4,
+                         "sparse", AttnBackend.auto),
+    }
+    unknown = set(args.rows) - set(table)
+    if unknown or args.rows[0] != "dense":
+        raise SystemExit(f"--rows {' '.join(args.rows)}: start with dense (the baseline) and pick "
+                         f"from {', '.join(table)}")
+    settings = [table[key] for key in args.rows]
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     position_ids = torch.arange(args.seq, device=device).expand(args.batch, -1)
     steps, params = [], []
