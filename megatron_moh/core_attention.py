@@ -37,11 +37,14 @@ class SDPAttention(DotProductAttention):
     """megatron's core attention computed by torch's scaled_dot_product_attention.
 
     Honours: the causal mask type (``is_causal``; a one-row query attends to every key, as in
-    megatron), an explicit boolean ``attention_mask`` (True = masked out, megatron's convention;
-    used as given, which rules out the flash kernel on a GPU), ``softmax_scale``, attention dropout
-    (under megatron's model-parallel RNG tracker), GQA. ``apply_query_key_layer_scaling`` is an
-    fp16 overflow guard that leaves the scale unchanged; SDPA's kernels softmax in fp32 for half
-    inputs, so it and ``attention_softmax_in_fp32`` need nothing more. Refused at construction
+    megatron), ``softmax_scale``, attention dropout (under megatron's model-parallel RNG tracker),
+    GQA. A causal layer ignores an explicit ``attention_mask``, as Transformer Engine and megatron's
+    fused softmax do (the data loader's mask is the causal one; document masks are refused in
+    ``check_moh_config``); other mask types apply a given boolean mask (True = masked out,
+    megatron's convention), which on a GPU rules out the flash kernel.
+    ``apply_query_key_layer_scaling`` is an fp16 overflow guard that leaves the scale unchanged;
+    SDPA's kernels softmax in fp32 for half inputs, so it and ``attention_softmax_in_fp32`` need
+    nothing more. Refused at construction
     (one line, naming ``--attention-backend unfused``): a sliding window and softmax offsets.
     """
 
@@ -84,15 +87,15 @@ class SDPAttention(DotProductAttention):
         sq, b, hp, d = query.shape
         sk = key.shape[0]
         mask, causal = None, False
-        if attention_mask is not None:
+        if mask_type == AttnMaskType.causal:
+            if sq > 1 and sq != sk:
+                raise ValueError(f"a causal mask needs as many queries as keys, got {sq} and {sk}")
+            causal = sq > 1
+        elif attention_mask is not None:
             if attention_mask.dtype != torch.bool:
                 raise ValueError(f"attention_mask has dtype {attention_mask.dtype}: the SDPA core "
                                  f"attention takes megatron's boolean mask (True = masked out)")
             mask = ~attention_mask
-        elif mask_type == AttnMaskType.causal and sq > 1:
-            if sq != sk:
-                raise ValueError(f"a causal mask needs as many queries as keys, got {sq} and {sk}")
-            causal = True
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         dropout = self.attention_dropout.p if self.training else 0.0
 

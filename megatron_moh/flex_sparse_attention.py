@@ -86,7 +86,7 @@ def pack_routed_rows(gates: Tensor, first: int, heads_per_group: int, topk: int,
     end = padded.cumsum(-1)  # [b, E] one past each lane's last packed row
     torch._assert_async((end[:, -1] <= length).all(),
                         "a token chose more routed heads than topk: the packed rows overflow")
-    row = torch.arange(length, device=device).expand(b, length)
+    row = torch.arange(length, device=device).expand(b, length).contiguous()
     lane = torch.searchsorted(end, row, right=True)  # E on tail rows
     tail = lane == routed
     lane = lane.clamp(max=routed - 1)

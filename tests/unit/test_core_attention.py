@@ -15,14 +15,14 @@ from tests.helpers import build_attention, tiny_config
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def _core(cls, cfg, layer_number=1, **kwargs):
-    return cls(config=cfg, layer_number=layer_number, attn_mask_type=AttnMaskType.causal,
+def _core(cls, cfg, layer_number=1, mask_type=AttnMaskType.causal, **kwargs):
+    return cls(config=cfg, layer_number=layer_number, attn_mask_type=mask_type,
                attention_type="self", **kwargs)
 
 
 def _outputs_and_grads(core, q, k, v, mask):
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    out = core(*leaves, mask, attn_mask_type=AttnMaskType.causal)
+    out = core(*leaves, mask)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
     (out * grad_out).sum().backward()
     return [out.detach()] + [t.grad for t in leaves]
@@ -36,13 +36,14 @@ def _document_mask(s, b):
     return mask
 
 
-@pytest.mark.parametrize("heads,groups,scale,layer_scaling,with_mask", [
-    (8, 8, None, False, False),  # multi-head
-    (8, 2, None, False, False),  # GQA: 4 query heads per key/value group
-    (8, 1, 0.3, False, True),  # multi-query, explicit scale, document mask from the dataloader
-    (8, 4, None, True, False),  # apply_query_key_layer_scaling at layer 3: same overall scale
+@pytest.mark.parametrize("heads,groups,scale,layer_scaling,mask_type", [
+    (8, 8, None, False, "causal"),  # multi-head
+    (8, 2, None, False, "causal"),  # GQA: 4 query heads per key/value group
+    (8, 1, 0.3, False, "padding"),  # multi-query, explicit scale, a non-causal layer with a mask
+    (8, 4, None, True, "causal"),  # apply_query_key_layer_scaling at layer 3: same overall scale
+    (8, 4, None, False, "causal_given_mask"),  # a causal layer ignores the loader's mask, like TE
 ])
-def test_sdpa_core_equals_megatron_dot_product_attention(heads, groups, scale, layer_scaling, with_mask):
+def test_sdpa_core_equals_megatron_dot_product_attention(heads, groups, scale, layer_scaling, mask_type):
     s, b, d = 11, 2, 16
     cfg = tiny_config(num_attention_heads=heads, num_query_groups=groups, hidden_size=heads * d,
                       apply_query_key_layer_scaling=layer_scaling, moh_num_shared_heads=heads // 2,
@@ -50,10 +51,15 @@ def test_sdpa_core_equals_megatron_dot_product_attention(heads, groups, scale, l
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(s, b, heads, d, generator=gen)
     k, v = (torch.randn(s, b, groups, d, generator=gen) for _ in range(2))
-    mask = _document_mask(s, b) if with_mask else None
+    mask = None if mask_type == "causal" else _document_mask(s, b)
     layer = 3 if layer_scaling else 1
-    ours = _outputs_and_grads(_core(SDPAttention, cfg, layer, softmax_scale=scale), q, k, v, mask)
-    theirs = _outputs_and_grads(_core(DotProductAttention, cfg, layer, softmax_scale=scale), q, k, v, mask)
+    kind = AttnMaskType.padding if mask_type == "padding" else AttnMaskType.causal
+    ours = _outputs_and_grads(_core(SDPAttention, cfg, layer, kind, softmax_scale=scale), q, k, v, mask)
+    # megatron's unfused softmax applies a causal layer's given mask; the reference here is the
+    # causal function the SDPA core computes.
+    reference_mask = None if mask_type == "causal_given_mask" else mask
+    theirs = _outputs_and_grads(_core(DotProductAttention, cfg, layer, kind, softmax_scale=scale),
+                                q, k, v, reference_mask)
     for name, a, b_ in zip(["output", "query grad", "key grad", "value grad"], ours, theirs):
         torch.testing.assert_close(a, b_, **FP32_TOL, msg=lambda m: f"{name}: {m}")
 
@@ -64,8 +70,8 @@ def test_one_query_row_attends_to_every_key():
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(1, 2, 8, 8, generator=gen)
     k, v = (torch.randn(5, 2, 4, 8, generator=gen) for _ in range(2))
-    ours = _core(SDPAttention, cfg)(q, k, v, None, attn_mask_type=AttnMaskType.causal)
-    theirs = _core(DotProductAttention, cfg)(q, k, v, None, attn_mask_type=AttnMaskType.causal)
+    ours = _core(SDPAttention, cfg)(q, k, v, None)
+    theirs = _core(DotProductAttention, cfg)(q, k, v, None)
     torch.testing.assert_close(ours, theirs, **FP32_TOL)
 
 
@@ -91,6 +97,31 @@ def test_attention_dropout_follows_the_model_parallel_rng():
     model_parallel_cuda_manual_seed(1234)
 
 
+@pytest.mark.parametrize("impl,backend,moh_impl,refused", [
+    ("local", AttnBackend.auto, "dense", True),  # the SDPA core
+    ("local", AttnBackend.unfused, "sparse", True),  # the head-sparse path
+    ("transformer_engine", AttnBackend.unfused, "dense", True),  # TE's causal kernels
+    ("local", AttnBackend.unfused, "dense", False),  # megatron's DotProductAttention applies it
+])
+def test_document_masks_need_megatron_core_attention(impl, backend, moh_impl, refused):
+    """--reset-attention-mask is refused (one line) wherever the mask would be silently ignored."""
+    import copy
+
+    from megatron_moh.config import MoHConfigError, check_moh_config
+
+    args = copy.copy(tiny_config())
+    args.reset_attention_mask, args.transformer_impl = True, impl
+    args.attention_backend, args.moh_attention_impl = backend, moh_impl
+    if not refused:
+        check_moh_config(args)
+        return
+    with pytest.raises(MoHConfigError, match=r"^--reset-attention-mask \(document masks\) is applied only by "
+                                             r"megatron's DotProductAttention: pass --transformer-impl local "
+                                             r"--attention-backend unfused --moh-attention-impl dense, or drop "
+                                             r"--reset-attention-mask$"):
+        check_moh_config(args)
+
+
 def test_local_spec_core_follows_attention_backend():
     """auto/flash/fused take SDPA; unfused/local keep megatron's DotProductAttention (also in the
     built MoH and dense layers)."""
@@ -114,6 +145,8 @@ def test_refuses_what_sdpa_cannot_compute():
     core = _core(SDPAttention, tiny_config())
     q, kv = torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 4, 8)
     with pytest.raises(ValueError, match=r"^attention_mask has dtype torch.float32: .* boolean mask"):
-        core(q, kv, kv, torch.zeros(1, 1, 4, 4))
+        core(q, kv, kv, torch.zeros(1, 1, 4, 4), attn_mask_type=AttnMaskType.padding)
+    with pytest.raises(ValueError, match=r"^a causal mask needs as many queries as keys, got 4 and 3"):
+        core(q, kv[:3], kv[:3], None)
     with pytest.raises(ValueError, match=r"^packed sequences \(THD\) are not supported .* transformer_engine"):
         core(q, kv, kv, None, packed_seq_params=object())
