@@ -32,13 +32,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters and activations")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="hidden 256, seq 256: a smoke run")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/)")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.seq, args.repeats, args.warmup = 256, 256, 3, 1
 
-    device = setup_one_rank()
+    device = setup_one_rank(threads=args.threads)
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.spec_utils import build_module
@@ -78,22 +79,25 @@ def main() -> None:
 
         steps.append(step)
 
-    seconds = interleaved_medians(steps, args.repeats, args.warmup)
+    seconds, cpu_seconds = interleaved_medians(steps, args.repeats, args.warmup)
     memory = [memory_bytes(step) for step in steps]
     rows = [{"setting": label, "router": router, "shared_heads": shared, "topk": topk,
              "moh_attention_impl": impl, "attention_backend": backend.name,
-             "active_fraction": (shared + topk) / h, "seconds": t, "memory_bytes": m,
-             "time_ratio_vs_dense": t / seconds[0], "memory_ratio_vs_dense": m / memory[0]}
-            for (label, router, shared, topk, impl, backend), t, m in zip(settings, seconds, memory)]
+             "active_fraction": (shared + topk) / h, "seconds": t, "cpu_seconds": c, "memory_bytes": m,
+             "time_ratio_vs_dense": t / seconds[0], "cpu_time_ratio_vs_dense": c / cpu_seconds[0],
+             "memory_ratio_vs_dense": m / memory[0]}
+            for (label, router, shared, topk, impl, backend), t, c, m in zip(settings, seconds, cpu_seconds,
+                                                                            memory)]
 
     print(f"\nMoH attention layer, forward+backward: hidden {args.hidden}, {h} heads, seq {args.seq}, "
           f"batch {args.batch}, {dtype}, {device.type} ({torch.get_num_threads()} threads)")
-    print(f"| setting | active heads | time (ms) | time / dense | {memory_kind()} (MiB) | memory / dense |")
-    print("|---|---|---|---|---|---|")
+    print(f"| setting | active heads | time (ms) | time / dense | CPU time / dense | "
+          f"{memory_kind()} (MiB) | memory / dense |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['setting']} | {row['active_fraction']:.0%} | {row['seconds'] * 1e3:.1f} | "
-              f"{row['time_ratio_vs_dense']:.3f} | {row['memory_bytes'] / 2**20:.1f} | "
-              f"{row['memory_ratio_vs_dense']:.3f} |")
+              f"{row['time_ratio_vs_dense']:.3f} | {row['cpu_time_ratio_vs_dense']:.3f} | "
+              f"{row['memory_bytes'] / 2**20:.1f} | {row['memory_ratio_vs_dense']:.3f} |")
     shape = {"hidden": args.hidden, "heads": h, "seq": args.seq, "batch": args.batch, "dtype": str(dtype)}
     print(f"\nwrote {write_report('bench_attention', {'shape': shape, 'rows': rows}, args.out)}")
 

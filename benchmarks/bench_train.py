@@ -63,16 +63,17 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense peak for MFU (default: known GPUs' bf16 peak)")
     parser.add_argument("--rows", nargs="+", default=["dense", "dense_megatron_core", "moh75",
-                                                      "moh75_query_norm", "moh50", "moh75_sparse",
-                                                      "moh50_sparse"],
+                                                      "moh75_megatron_core", "moh75_query_norm", "moh50",
+                                                      "moh75_sparse", "moh50_sparse"],
                         help="models to time, the dense baseline first (default: all)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/)")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.warmup = 2, 1
 
-    device = setup_one_rank()
+    device = setup_one_rank(threads=args.threads)
     from megatron.core.transformer.enums import AttnBackend
 
     from megatron_moh.builder import build_gpt_model, count_parameters, llama_moh_config
@@ -85,6 +86,8 @@ def main() -> None:
         "dense_megatron_core": ("dense, megatron DotProductAttention core", False, "learned", h, 0,
                                 "dense", AttnBackend.unfused),
         "moh75": ("MoH learned, 75% active", True, "learned", h // 2, h // 4, "dense", AttnBackend.auto),
+        "moh75_megatron_core": ("MoH learned, 75% active, megatron DotProductAttention core", True,
+                                "learned", h // 2, h // 4, "dense", AttnBackend.unfused),
         "moh75_query_norm": ("MoH query_norm, 75% active", True, "query_norm", h // 2, h // 4, "dense",
                              AttnBackend.auto),
         "moh50": ("MoH learned, 50% active", True, "learned", h // 4, h // 4, "dense", AttnBackend.auto),
@@ -124,30 +127,35 @@ def main() -> None:
 
         steps.append(step)
 
-    seconds = interleaved_medians(steps, args.repeats, args.warmup)
+    seconds, cpu_seconds = interleaved_medians(steps, args.repeats, args.warmup)
     memory = [memory_bytes(step) for step in steps]
     per_step = args.batch * args.seq
     peak = args.peak_tflops or peak_tflops(device)
     rows = []
-    for (label, moh, router, shared, topk, impl, backend), p, t, m in zip(settings, params, seconds, memory):
+    for (label, moh, router, shared, topk, impl, backend), p, t, c, m in zip(settings, params, seconds,
+                                                                           cpu_seconds, memory):
         flops = train_flops_per_token(args, shared + topk) * per_step / t
         rows.append({"setting": label, "moh_attention_impl": impl, "attention_backend": backend.name,
                      "active_fraction": (shared + topk) / h, "parameters": p,
-                     "tokens_per_second": per_step / t, "seconds": t, "model_tflops": flops / 1e12,
+                     "tokens_per_second": per_step / t, "seconds": t, "cpu_seconds": c,
+                     "model_tflops": flops / 1e12,
                      "mfu": flops / (peak * 1e12) if peak else None, "memory_bytes": m,
-                     "throughput_ratio_vs_dense": seconds[0] / t, "memory_ratio_vs_dense": m / memory[0]})
+                     "throughput_ratio_vs_dense": seconds[0] / t,
+                     "cpu_time_throughput_ratio_vs_dense": cpu_seconds[0] / c,
+                     "memory_ratio_vs_dense": m / memory[0]})
 
     print(f"\nTraining step (fwd+bwd+AdamW): {args.layers} layers, hidden {args.hidden}, {h} heads, "
           f"seq {args.seq}, batch {args.batch}, {dtype}, {device.type} ({torch.get_num_threads()} threads), "
           f"peak {peak or 'unknown'} TFLOP/s")
-    print(f"| setting | parameters | tokens/s | throughput / dense | model TFLOP/s | MFU | "
-          f"{memory_kind()} (MiB) | memory / dense |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| setting | parameters | tokens/s | throughput / dense | same in CPU time | model TFLOP/s | "
+          f"MFU | {memory_kind()} (MiB) | memory / dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         mfu = "-" if row["mfu"] is None else f"{row['mfu']:.1%}"
         print(f"| {row['setting']} | {row['parameters'] / 1e6:.1f}M | {row['tokens_per_second']:.0f} | "
-              f"{row['throughput_ratio_vs_dense']:.3f} | {row['model_tflops']:.3g} | {mfu} | "
-              f"{row['memory_bytes'] / 2**20:.1f} | {row['memory_ratio_vs_dense']:.3f} |")
+              f"{row['throughput_ratio_vs_dense']:.3f} | {row['cpu_time_throughput_ratio_vs_dense']:.3f} | "
+              f"{row['model_tflops']:.3g} | {mfu} | {row['memory_bytes'] / 2**20:.1f} | "
+              f"{row['memory_ratio_vs_dense']:.3f} |")
     shape = {k: getattr(args, k) for k in ("layers", "hidden", "ffn", "heads", "vocab", "seq", "batch")}
     shape["dtype"] = str(dtype)
     report = {"shape": shape, "peak_tflops": peak, "rows": rows}
