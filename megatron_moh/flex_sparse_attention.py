@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from megatron_moh.sparse_attention import dense_causal_heads
 
 # flex_attention's default tile: 128 query rows x 128 keys.
 BLOCK = 128
@@ -149,23 +150,6 @@ def flex_available(device: torch.device) -> bool:
     return True
 
 
-def _shared_heads(query: Tensor, key: Tensor, value: Tensor, num_heads: int, scale: float) -> Tensor:
-    """Causal SDPA of the first ``num_heads`` query heads over all rows: ``[s, b, n, d]``. Keys and
-    values are shared by GQA without copies when the heads cover whole groups."""
-    hp, g = query.shape[2], key.shape[2]
-    per_group = hp // g
-    q = query[:, :, :num_heads].permute(1, 2, 0, 3)
-    k, v = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
-    if num_heads % per_group == 0:
-        k, v = k[:, : num_heads // per_group], v[:, : num_heads // per_group]
-    else:  # shared heads end inside a group: one copy of the groups they use, per head
-        group = torch.arange(num_heads, device=query.device) // per_group
-        k, v = k.index_select(1, group), v.index_select(1, group)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                         enable_gqa=k.shape[1] != num_heads)
-    return out.permute(2, 0, 1, 3)
-
-
 def flex_head_sparse_attention(
     query: Tensor,
     key: Tensor,
@@ -208,7 +192,7 @@ def flex_head_sparse_attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     parts = []
     if num_dense_heads:
-        shared = _shared_heads(query, key, value, num_dense_heads, scale)
+        shared = dense_causal_heads(query, key, value, num_dense_heads, scale)
         parts.append(shared * gates[:, :, :num_dense_heads, None].to(shared.dtype))
     if num_dense_heads < hp:
         parts.append(_routed_heads(query, key, value, gates, num_dense_heads, topk, scale, block,
