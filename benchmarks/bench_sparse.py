@@ -2,21 +2,27 @@
 
 Dense baselines compute every head and then multiply by the gates (what the MoH layer does with
 ``moh_attention_impl='dense'``):
-* ``sdpa``: torch ``scaled_dot_product_attention(is_causal=True)`` (a flash kernel on CPU and GPU);
+* ``sdpa``: torch ``scaled_dot_product_attention(is_causal=True, enable_gqa=...)`` (a flash
+  kernel on CPU and GPU), the local spec's default core (``megatron_moh.core_attention``);
 * ``baddbmm``: megatron's local DotProductAttention recipe in plain torch (baddbmm, causal
   masked_fill, softmax, bmm), which materialises the full score matrix.
-The sparse path is ``megatron_moh.sparse_attention.head_sparse_attention``. Routing is uniform
-random top-k per token (what the load-balance loss aims for); ``--shared`` heads are always on.
+Sparse paths: ``plain`` is ``megatron_moh.sparse_attention.head_sparse_attention`` (the CPU path);
+``flex`` is ``megatron_moh.flex_sparse_attention.flex_head_sparse_attention`` through
+``torch.compile(flex_attention)`` (the CUDA path; on CPU the compiled kernel has no backward, so
+only its forward is timed there). Routing is uniform random top-k per token (what the
+load-balance loss aims for); ``--shared`` heads are always on.
 
-Timings are medians of ``--repeats`` runs after one warm-up; dense and sparse runs alternate so
-that load from other processes hits both alike. Wall-clock ratios are the headline; the CPU-time
-ratio is kept too (steadier for 1-thread runs on a shared machine). Peak memory:
-``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak of torch.profiler's memory timeline
-(bytes of tensors alive during the step, inputs included), measured once per configuration
-outside the timed runs. ``--threads`` defaults to every CPU this process may use.
+Timings are medians of ``--repeats`` runs after two warm-ups (the first compiles flex); the
+implementations take turns in every round so that load from other processes hits all alike.
+Wall-clock ratios are the headline; the CPU-time ratio is kept too (steadier for 1-thread runs on
+a shared machine). Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak of
+torch.profiler's memory timeline (bytes of tensors alive during the step, inputs included),
+measured once per configuration outside the timed runs. ``--threads`` defaults to every CPU this
+process may use.
 
     python benchmarks/bench_sparse.py            # full grid, a few minutes on 2 CPU cores
     python benchmarks/bench_sparse.py --quick    # 1024 and 4096 tokens at 50% active, sdpa only
+    python benchmarks/bench_sparse.py --seqs 4096 --topks 4 --head-dim 128 --dtype bf16  # GPU kit
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_moh.flex_sparse_attention import flex_head_sparse_attention  # noqa: E402
 from megatron_moh.sparse_attention import head_sparse_attention  # noqa: E402
 
 # Active fraction -> routed heads each token keeps, with 4 shared of 16 heads (4 + k of 12).
@@ -48,13 +55,11 @@ QUICK_SEQS = (1024, 4096)
 
 
 def dense_sdpa(query, key, value, gates):
-    """All heads through torch's causal SDPA, then the gates."""
+    """All heads through torch's causal SDPA (GQA without copies), then the gates."""
     s, b, hp, d = query.shape
-    per_group = hp // key.shape[2]
-    q = query.permute(1, 2, 0, 3)
-    k = key.permute(1, 2, 0, 3).repeat_interleave(per_group, dim=1)
-    v = value.permute(1, 2, 0, 3).repeat_interleave(per_group, dim=1)
-    heads = F.scaled_dot_product_attention(q, k, v, is_causal=True).permute(2, 0, 1, 3)
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+    heads = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=k.shape[1] != hp).permute(2, 0, 1, 3)
     return (heads * gates.unsqueeze(-1).to(heads.dtype)).reshape(s, b, hp * d)
 
 
@@ -135,7 +140,7 @@ def peak_memory_mib(run: Callable[[], None], device) -> float | None:
             path = os.path.join(tmp, "timeline.json")
             try:
                 prof.export_memory_timeline(path, device="cpu")
-            except Exception:  # a semi-private API: report n/a rather than fail
+            except Exception:  # noqa: BLE001 - a semi-private API: report n/a rather than fail
                 return None
             _, sizes = json.load(open(path))
     return max(sum(row) for row in sizes) / 2**20 if sizes else None
@@ -144,15 +149,21 @@ def peak_memory_mib(run: Callable[[], None], device) -> float | None:
 def bench_config(seq, topk, args, device, dtype):
     """Median times (s) and peak memory (MiB) of every implementation, fwd and fwd+bwd."""
     inputs, gates = make_inputs(seq, args, topk, device, dtype)
-    impls = {"sparse": lambda q, k, v, g: head_sparse_attention(q, k, v, g, args.shared),
-             "dense_sdpa": dense_sdpa}
+    sparse = {"plain": lambda q, k, v, g: head_sparse_attention(q, k, v, g, args.shared),
+              "flex": lambda q, k, v, g: flex_head_sparse_attention(q, k, v, g, args.shared, topk)}
+    sparse = {name: fn for name, fn in sparse.items() if name in args.impls}
+    dense = {"dense_sdpa": dense_sdpa}
     if args.baddbmm and seq <= args.baddbmm_max_seq:
-        impls["dense_baddbmm"] = dense_baddbmm
+        dense["dense_baddbmm"] = dense_baddbmm
     result = {}
     for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+        impls = {**sparse, **dense}
+        if backward and device.type == "cpu":  # compiled flex has no CPU backward
+            impls.pop("flex", None)
         runs = {name: step(fn, inputs, gates, backward) for name, fn in impls.items()}
         times = {name: [] for name in impls}
-        for run in runs.values():  # warm-up
+        for run in runs.values():  # warm-up (flex compiles in the first)
+            run()
             run()
         for _ in range(args.repeats):  # interleaved, so background load hits every impl alike
             for name, run in runs.items():
@@ -163,13 +174,14 @@ def bench_config(seq, topk, args, device, dtype):
         if backward and not args.no_memory:
             for name, run in runs.items():
                 result[f"{name}_fwd_bwd_peak_mib"] = peak_memory_mib(run, device)
-    for mode in ("fwd", "fwd_bwd"):
-        for base in [n for n in impls if n != "sparse"]:
-            short = base.removeprefix("dense_")
-            result[f"ratio_{mode}_vs_{short}"] = (
-                result[f"sparse_{mode}_s"] / result[f"{base}_{mode}_s"])
-            result[f"ratio_{mode}_vs_{short}_cpu_time"] = (
-                result[f"sparse_{mode}_cpu_s"] / result[f"{base}_{mode}_cpu_s"])
+        for name in sparse:
+            for base in dense:
+                if f"{name}_{mode}_s" in result:
+                    short = base.removeprefix("dense_")
+                    result[f"ratio_{name}_{mode}_vs_{short}"] = (
+                        result[f"{name}_{mode}_s"] / result[f"{base}_{mode}_s"])
+                    result[f"ratio_{name}_{mode}_vs_{short}_cpu_time"] = (
+                        result[f"{name}_{mode}_cpu_s"] / result[f"{base}_{mode}_cpu_s"])
     return result
 
 
@@ -194,6 +206,8 @@ def parse_args(argv=None):
     p.add_argument("--baddbmm-max-seq", type=int, default=2048,
                    help="run the baddbmm baseline only up to this length (it materialises "
                         "heads x seq^2 scores: 1 GiB in fp32 at 4096 tokens)")
+    p.add_argument("--impls", nargs="+", choices=("plain", "flex"), default=("plain", "flex"),
+                   help="sparse implementations to time (default both)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/)")
     return p.parse_args(argv)
@@ -207,6 +221,10 @@ def main(argv=None) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
+    if device.type == "cpu":  # no compile worker processes competing with the timed runs
+        from torch._inductor import config as inductor_config
+
+        inductor_config.compile_threads = 1
     seqs = args.seqs or (QUICK_SEQS if args.quick else FULL_SEQS)
     topks = args.topks or ((4,) if args.quick else (4, 8, 10))
     routed = args.heads - args.shared
@@ -224,10 +242,14 @@ def main(argv=None) -> None:
     print(f"# torch {torch.__version__}, device {host}, {threads} threads, {args.dtype}, "
           f"{args.heads} heads x {args.head_dim} ({args.groups} kv), {args.shared} shared, batch "
           f"{args.batch}, median of {args.repeats}, load avg {meta['load_avg_start'][0]:.1f}")
-    cols = ("seq", "active", "floor", "fwd sp/sdpa", "f+b sp/sdpa", "(cpu time)", "f+b sp/bmm",
-            "sparse f+b s", "sdpa f+b s", "sparse MiB", "sdpa MiB", "bmm MiB")
+    cols = ["seq", "active", "floor"]
+    for impl in args.impls:
+        cols += [f"fwd {impl}/sdpa", f"f+b {impl}/sdpa"]
+    cols += ["f+b plain/bmm", "sdpa f+b s", *[f"{impl} f+b s" for impl in args.impls],
+             "sdpa MiB", *[f"{impl} MiB" for impl in args.impls]]
     print(" | ".join(cols))
     rows = []
+    fmt = lambda r, key, spec: "-" if r.get(key) is None else format(r[key], spec)
     for seq in seqs:
         for topk in topks:
             if not 0 < topk <= routed:
@@ -236,16 +258,16 @@ def main(argv=None) -> None:
             r = bench_config(seq, topk, args, device, dtype)
             r.update(seq=seq, topk=topk, active_fraction=active, flop_floor=active)
             rows.append(r)
-            mib = lambda key: "n/a" if r.get(key) is None else f"{r[key]:.0f}"
-            print(" | ".join([
-                f"{seq}", f"{args.shared}+{topk}/{routed} ({active:.1%})", f"{active:.3f}",
-                f"{r['ratio_fwd_vs_sdpa']:.3f}", f"{r['ratio_fwd_bwd_vs_sdpa']:.3f}",
-                f"{r['ratio_fwd_bwd_vs_sdpa_cpu_time']:.3f}",
-                f"{r['ratio_fwd_bwd_vs_baddbmm']:.3f}" if "ratio_fwd_bwd_vs_baddbmm" in r else "-",
-                f"{r['sparse_fwd_bwd_s']:.4f}", f"{r['dense_sdpa_fwd_bwd_s']:.4f}",
-                mib("sparse_fwd_bwd_peak_mib"), mib("dense_sdpa_fwd_bwd_peak_mib"),
-                mib("dense_baddbmm_fwd_bwd_peak_mib"),
-            ]), flush=True)
+            cells = [f"{seq}", f"{args.shared}+{topk}/{routed} ({active:.1%})", f"{active:.3f}"]
+            for impl in args.impls:
+                cells += [fmt(r, f"ratio_{impl}_fwd_vs_sdpa", ".3f"),
+                          fmt(r, f"ratio_{impl}_fwd_bwd_vs_sdpa", ".3f")]
+            cells += [fmt(r, "ratio_plain_fwd_bwd_vs_baddbmm", ".3f"),
+                      fmt(r, "dense_sdpa_fwd_bwd_s", ".4f"),
+                      *[fmt(r, f"{impl}_fwd_bwd_s", ".4f") for impl in args.impls],
+                      fmt(r, "dense_sdpa_fwd_bwd_peak_mib", ".0f"),
+                      *[fmt(r, f"{impl}_fwd_bwd_peak_mib", ".0f") for impl in args.impls]]
+            print(" | ".join(cells), flush=True)
     meta["load_avg_end"] = os.getloadavg()
     out = args.out or Path(__file__).parent / "results" / f"bench_sparse_{host}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,13 +15,16 @@ import torch
 from megatron_moh import platform
 
 
-def setup_one_rank(seed: int = 0) -> torch.device:
-    """Platform, a one-rank process group and megatron's model-parallel state."""
+def setup_one_rank(seed: int = 0, threads: int | None = None) -> torch.device:
+    """Platform, a one-rank process group and megatron's model-parallel state; ``threads`` sets
+    torch's CPU threads."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     device = platform.setup()
     platform.single_process_defaults()
+    if threads:
+        torch.set_num_threads(threads)
     store = tempfile.mkdtemp(prefix="moh-bench-")
     platform.init_process_group(0, 1, init_method=f"file://{store}/rendezvous")
     parallel_state.initialize_model_parallel(1, 1)
@@ -34,21 +37,25 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(steps: list[Callable[[], None]], repeats: int, warmup: int) -> list[float]:
-    """Median seconds of each step; the steps take turns in every round so that drift in the
-    machine's speed hits them alike."""
+def interleaved_medians(steps: list[Callable[[], None]], repeats: int,
+                        warmup: int) -> tuple[list[float], list[float]]:
+    """Median wall-clock and process-CPU seconds of each step; the steps take turns in every round
+    so that drift in the machine's speed hits them alike. On a CPU shared with other jobs, CPU time
+    is the steadier measure of work at one thread (waiting for a core does not add to it)."""
     for step in steps:
         for _ in range(warmup):
             step()
-    times: list[list[float]] = [[] for _ in steps]
+    wall: list[list[float]] = [[] for _ in steps]
+    cpu: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
         for i, step in enumerate(steps):
             _sync()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
             _sync()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+            wall[i].append(time.perf_counter() - start)
+            cpu[i].append(time.process_time() - start_cpu)
+    return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
 
 
 def memory_bytes(step: Callable[[], None]) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 ROUTERS = ("learned", "query_norm")
@@ -118,6 +119,16 @@ def check_moh_config(cfg: Any) -> None:
     if (getattr(cfg, "context_parallel_size", 1) or 1) > 1:
         fail("MoH attention does not support context parallelism yet: "
              "set context_parallel_size=1")
+    # A Namespace's data flag: causal layers' SDPA core, the head-sparse path and TE's causal
+    # kernels all ignore an explicit mask; only megatron's DotProductAttention applies it.
+    if getattr(cfg, "reset_attention_mask", False) and not (
+        getattr(cfg, "transformer_impl", None) == "local"
+        and getattr(cfg, "attention_backend", None) in (AttnBackend.unfused, AttnBackend.local)
+        and cfg.moh_attention_impl == "dense"
+    ):
+        fail("--reset-attention-mask (document masks) is applied only by megatron's "
+             "DotProductAttention: pass --transformer-impl local --attention-backend unfused "
+             "--moh-attention-impl dense, or drop --reset-attention-mask")
 
 
 @dataclass

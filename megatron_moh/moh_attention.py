@@ -19,6 +19,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_moh.config import MoHTransformerConfig
+from megatron_moh.flex_sparse_attention import flex_available, flex_head_sparse_attention
 from megatron_moh.sparse_attention import head_sparse_attention
 
 
@@ -106,9 +107,13 @@ class MoHSelfAttention(SelfAttention):
         )
 
     def _head_sparse_attention(self, query: Tensor, key: Tensor, value: Tensor, gates: Tensor) -> Tensor:
-        """Causal attention that skips the query rows a routed head was not chosen for; gated."""
+        """Causal attention that skips the query rows a routed head was not chosen for; gated.
+        FlexAttention on CUDA, the plain-torch path elsewhere (CPU flex has no backward)."""
 
         def run(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> Tensor:
+            if flex_available(q.device):
+                return flex_head_sparse_attention(q, k, v, g, self.num_local_shared_heads,
+                                                  self.config.moh_topk, self.config.softmax_scale)
             return head_sparse_attention(q, k, v, g, self.num_local_shared_heads, self.config.softmax_scale)
 
         if self.checkpoint_core_attention and self.training:

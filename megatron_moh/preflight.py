@@ -64,6 +64,9 @@ REFUSED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
                                                                           "RMSNorm or LayerNorm"),
     ("position_embedding_type", lambda value: value not in ("rope", "learned_absolute", "none"),
      "--position-embedding-type: rope, learned_absolute or none (YaRN and M-RoPE are not wired into the MoH layer)"),
+    ("attention_backend", lambda value: getattr(value, "name", value) == "local",
+     "--attention-backend local needs megatron's --spec local, which the MoH spec replaces: use unfused (megatron's "
+     "DotProductAttention) or auto (torch SDPA)"),
     ("transformer_impl", lambda value: value not in ("local", "transformer_engine"),
      "--transformer-impl: local or transformer_engine"),
     ("qk_clip", bool, "--qk-clip reads megatron's attention internals, which the MoH layer does not keep: drop it"),

@@ -295,14 +295,20 @@ def _routed_heads(query: Tensor, key: Tensor, value: Tensor, gates: Tensor, firs
     return out.index_put_((rows, batch, head - first), heads * row_gates[:, None].to(heads.dtype))
 
 
-def _dense_heads(query: Tensor, key: Tensor, value: Tensor, num_heads: int, scale: float) -> Tensor:
-    """Causal attention of the first ``num_heads`` query heads over all rows: ``[s, b, n, d]``."""
+def dense_causal_heads(query: Tensor, key: Tensor, value: Tensor, num_heads: int, scale: float) -> Tensor:
+    """Causal SDPA of the first ``num_heads`` query heads over all rows: ``[s, b, n, d]``. Keys
+    and values are shared by GQA without copies when the heads cover whole groups."""
     hp, g = query.shape[2], key.shape[2]
+    per_group = hp // g
     q = query[:, :, :num_heads].permute(1, 2, 0, 3)  # [b, n, s, d]
-    group = torch.arange(num_heads, device=query.device) // (hp // g)
-    k = key.permute(1, 2, 0, 3).index_select(1, group)
-    v = value.permute(1, 2, 0, 3).index_select(1, group)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    k, v = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
+    if num_heads % per_group == 0:
+        k, v = k[:, : num_heads // per_group], v[:, : num_heads // per_group]
+    else:  # the heads end inside a group: one copy of its keys and values per head
+        group = torch.arange(num_heads, device=query.device) // per_group
+        k, v = k.index_select(1, group), v.index_select(1, group)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                         enable_gqa=k.shape[1] != num_heads)
     return out.permute(2, 0, 1, 3)
 
 
@@ -352,7 +358,7 @@ def head_sparse_attention(
             num_dense_heads, sorted_lanes = hp, None
     parts = []
     if num_dense_heads:
-        dense = _dense_heads(query, key, value, num_dense_heads, scale)
+        dense = dense_causal_heads(query, key, value, num_dense_heads, scale)
         parts.append(dense * gates[:, :, :num_dense_heads, None].to(dense.dtype))
     if sorted_lanes is not None:
         parts.append(_routed_heads(query, key, value, gates, num_dense_heads, scale, sorted_lanes))

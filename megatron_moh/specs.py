@@ -1,6 +1,7 @@
 """ModuleSpec trees for MoH (and dense baseline) GPT layers, one function per backend.
 
-``local``: megatron-core's own parallel linears and DotProductAttention with torch norms; runs on
+``local``: megatron-core's own parallel linears with torch norms and the core attention
+``--attention-backend`` picks (torch SDPA by default, see megatron_moh/core_attention.py); runs on
 CPU and GPU. ``te``: Transformer Engine linears, norms and attention, needed for FP8. Both keep the
 input norm outside the QKV projection so the learned router sees the normalised token, and both
 name checkpoint keys alike (the local spec's map), so checkpoints move between backends.
@@ -26,6 +27,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_moh.core_attention import local_core_attention
 from megatron_moh.moh_attention import MoHSelfAttention, MoHSelfAttentionSubmodules
 from megatron_moh.norm import TorchNorm
 from megatron_moh.router import LearnedHeadRouter, QueryNormHeadRouter
@@ -87,7 +89,7 @@ def local_layer_spec(config: TransformerConfig, moh: bool = True) -> ModuleSpec:
         input_layernorm=TorchNorm,
         pre_mlp_layernorm=TorchNorm,
         self_attention=_attention_spec(
-            config, moh, attention.linear_qkv, attention.core_attention, attention.linear_proj
+            config, moh, attention.linear_qkv, local_core_attention(config), attention.linear_proj
         ),
         mlp=functools.partial(base.mlp, ffn_hidden_size=config.ffn_hidden_size),
         sharded_state_dict_keys_map=dict(_KEYS_MAP),

@@ -32,8 +32,9 @@ def get_batch(data_iterator):
     """Next micro-batch on this rank (every rank reads its own identical loader)."""
     batch = next(data_iterator)
     device = platform.device()
-    return (batch[key].to(device, non_blocking=True) for key in
-            ("tokens", "labels", "loss_mask", "attention_mask", "position_ids"))
+    # No attention mask with --no-create-attention-mask-in-dataloader: the layers are causal.
+    return (None if batch.get(key) is None else batch[key].to(device, non_blocking=True)
+            for key in ("tokens", "labels", "loss_mask", "attention_mask", "position_ids"))
 
 
 # A loss ten times the largest seen so far is a spike (megatron's --check-for-spiky-loss).

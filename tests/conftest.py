@@ -8,7 +8,10 @@ import torch
 
 from megatron_moh import platform
 
-platform.setup(force_cpu=True)
+# Everything runs on the CPU, except the GPU checks (tests/gpu) in a session that asks for CUDA
+# with MOH_TEST_GPU=1 (benchmarks/gpu/check.sh does).
+GPU_SESSION = os.environ.get("MOH_TEST_GPU", "0") == "1"
+platform.setup(force_cpu=None if GPU_SESSION else True)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -32,8 +32,10 @@ def rope(t: torch.Tensor, base: float) -> torch.Tensor:
     return t * angles.cos() + torch.cat([-second, first], dim=-1) * angles.sin()
 
 
-def reference_gates(x, query, router_weight, cfg: RefSettings):
-    """Gates [s, b, H], routed probabilities and the top-k mask, per the paper's equations."""
+def reference_gates(x, query, router_weight, cfg: RefSettings, mask=None):
+    """Gates [s, b, H], routed probabilities and the top-k mask, per the paper's equations.
+    ``mask`` (0/1, [s, b, routed]) replaces the top-k choice: a bf16 run may order near-ties of
+    the routing probabilities differently, and that discrete choice is not what a test measures."""
     routed_heads = cfg.heads - cfg.shared
     if cfg.router == "learned":
         logits = (x @ router_weight.t()).float()
@@ -53,9 +55,10 @@ def reference_gates(x, query, router_weight, cfg: RefSettings):
     if routed_heads == 0:
         return shared, None, None
     probs = torch.softmax(routed_logits, dim=-1)
-    order = torch.sort(probs, dim=-1, descending=True).indices[..., : cfg.topk]
-    mask = torch.zeros_like(probs)
-    mask.scatter_(-1, order, 1.0)
+    if mask is None:
+        order = torch.sort(probs, dim=-1, descending=True).indices[..., : cfg.topk]
+        mask = torch.zeros_like(probs)
+        mask.scatter_(-1, order, 1.0)
     if cfg.gate == "weighted":
         routed = cfg.topk * (mask * probs) / (mask * probs).sum(-1, keepdim=True)
     else:
@@ -75,8 +78,9 @@ def reference_load_balance(probs, mask, cfg: RefSettings):
     return torch.mean(me * ce) * routed_heads * routed_heads
 
 
-def reference_moh_attention(x, w_qkv, w_proj, router_weight, cfg: RefSettings):
-    """x [s, b, hidden] -> (output [s, b, hidden], gates, probs, mask)."""
+def reference_moh_attention(x, w_qkv, w_proj, router_weight, cfg: RefSettings, mask=None):
+    """x [s, b, hidden] -> (output [s, b, hidden], gates, probs, mask); ``mask`` as in
+    reference_gates."""
     s, b, _ = x.shape
     per_group = cfg.heads // cfg.groups
     d = cfg.head_dim
@@ -84,7 +88,7 @@ def reference_moh_attention(x, w_qkv, w_proj, router_weight, cfg: RefSettings):
     query = qkv[..., : per_group * d].reshape(s, b, cfg.heads, d)
     key = qkv[..., per_group * d : (per_group + 1) * d]
     value = qkv[..., (per_group + 1) * d :]
-    gates, probs, mask = reference_gates(x, query, router_weight, cfg)
+    gates, probs, mask = reference_gates(x, query, router_weight, cfg, mask)
     query, key = rope(query, cfg.rotary_base), rope(key, cfg.rotary_base)
     key = key.repeat_interleave(per_group, dim=2)
     value = value.repeat_interleave(per_group, dim=2)

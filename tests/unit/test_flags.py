@@ -17,6 +17,7 @@ import torch
 
 from megatron.core.activations import squared_relu
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_moh import preflight
 from megatron_moh.arguments import parse_megatron_args
@@ -78,6 +79,8 @@ HONOURED: dict[str, tuple[list[str], Callable]] = {
     "dropout": (["--hidden-dropout", "0.3", "--attention-dropout", "0.2"],
                 lambda m, a: (m.config.hidden_dropout, m.config.attention_dropout) == (0.3, 0.2)),
     "dense-baseline": (["--moh-dense-baseline"], lambda m, a: type(_attention(m)) is SelfAttention),
+    "megatron-core-attention": (["--attention-backend", "unfused"],
+                                lambda m, a: type(_attention(m).core_attention) is DotProductAttention),
     "moh-layout": (["--moh-num-shared-heads", "2", "--moh-topk", "3"],
                    lambda m, a: isinstance(_attention(m), MoHSelfAttention)
                    and (_attention(m).router.num_shared, _attention(m).router.topk) == (2, 3)),
@@ -102,6 +105,7 @@ REFUSED: dict[str, tuple[list[str], str]] = {
     "softmax-type": (["--softmax-type", "off-by-one"], "vanilla attention softmax"),
     "yarn": (["--position-embedding-type", "yarn"], "YaRN and M-RoPE"),
     "qk-clip": (["--qk-clip"], "--qk-clip"),
+    "local-attention-backend": (["--attention-backend", "local"], "--attention-backend local needs"),
     "post-ln-residual": (["--apply-residual-connection-post-layernorm"], "its layers ignore it"),
     "moe": (["--num-experts", "4"], "MoE MLP layers are not in the MoH layer spec yet"),
     "qk-layernorm": (["--qk-layernorm"], "--qk-layernorm is not in the MoH layer spec yet"),

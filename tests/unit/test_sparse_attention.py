@@ -268,8 +268,8 @@ def test_busy_lanes_take_the_dense_call(whole_fraction, all_dense, monkeypatch):
     causal call; the result and the zero-gate gradients stay those of the sparse path."""
     monkeypatch.setattr(sparse_attention, "_WHOLE_LANE_FRACTION", whole_fraction)
     dense_calls = []
-    dense_heads = sparse_attention._dense_heads
-    monkeypatch.setattr(sparse_attention, "_dense_heads",
+    dense_heads = sparse_attention.dense_causal_heads
+    monkeypatch.setattr(sparse_attention, "dense_causal_heads",
                         lambda *a: dense_calls.append(a[3]) or dense_heads(*a))
     s, b, hp, g, d, shared = 30, 2, 8, 4, 16, 2
     (q, k, v), grad_out, gen = random_inputs(s, b, hp, g, d, seed=7)
