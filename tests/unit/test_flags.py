@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from collections.abc import Callable
 
 import pytest
@@ -30,11 +31,20 @@ BASE = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", 
 
 
 def _model(*flags: str):
-    args = parse_megatron_args([*BASE, *flags])
-    preflight.check_values(args)
-    args.padded_vocab_size = 128
-    torch.manual_seed(0)
-    return model_from_args(args), args
+    # megatron records --attention-backend in NVTE_* variables and checks them when it builds the
+    # attention: each model here gets a clean slate, and the process its variables back.
+    environment = dict(os.environ)
+    for name in [name for name in os.environ if name.startswith("NVTE_")]:
+        del os.environ[name]
+    try:
+        args = parse_megatron_args([*BASE, *flags])
+        preflight.check_values(args)
+        args.padded_vocab_size = 128
+        torch.manual_seed(0)
+        return model_from_args(args), args
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 def _attention(model):
