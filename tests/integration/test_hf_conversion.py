@@ -359,7 +359,7 @@ def test_dense_export_of_a_routed_model_is_refused(trained, tmp_path):
 @pytest.mark.parametrize("case,expected", [
     ("no-checkpoint", "does not exist"),
     ("no-hf-dir", "config.json does not exist"),
-    ("foreign-model", "only 'llama' and 'moh_llama' checkpoints import"),
+    ("foreign-model", "only 'llama', 'qwen2', 'qwen3' and 'moh_llama' checkpoints import"),
     ("no-layout", "choose its MoH layout with --layout"),
     ("custom-incomplete", "--layout custom needs --moh-num-shared-heads and --moh-topk"),
     ("tp-too-large", "cannot run at TP=3"),
