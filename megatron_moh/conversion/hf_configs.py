@@ -271,10 +271,11 @@ def dense_llama_config(hf_config: MoHLlamaConfig) -> Any:
     """The plain LlamaConfig of a dense MoH-Llama config; ValueError if some gate is not exactly 1."""
     from transformers import LlamaConfig
 
-    extras = [name for name in ("moh_qkv_bias", "moh_qk_norm") if getattr(hf_config, name, False)]
+    extras = [f"{what} ({name})" for name, what in (("moh_qkv_bias", "q/k/v biases"), ("moh_qk_norm", "q/k norms"))
+              if getattr(hf_config, name, False)]
     if extras:
-        raise ConversionError(f"a plain Llama has no {' or '.join(extras)} (q/k/v biases, q/k norms): export it "
-                              f"without --dense")
+        raise ConversionError(f"a plain Llama has no {' and no '.join(extras)}: export it without --dense (as "
+                              f"moh_llama)")
     if not is_dense(hf_config):
         raise ConversionError(
             f"only a dense model exports as plain Llama (moh_topk=0, moh_num_shared_heads="

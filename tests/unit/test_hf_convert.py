@@ -218,7 +218,8 @@ def test_llama_family_config_maps_round_trip():
     assert megatron_model_kwargs(hf_cfg) == dict(
         vocab_size=VOCAB, max_sequence_length=MAX_SEQ, rotary_base=500000.0, share_embeddings_and_output_weights=True,
         rope_scaling=True, rope_scaling_factor=32.0)
-    with pytest.raises(ConversionError, match="a plain Llama has no moh_qkv_bias or moh_qk_norm"):
+    with pytest.raises(ConversionError, match=r"^a plain Llama has no q/k/v biases \(moh_qkv_bias\) and no q/k norms "
+                       r"\(moh_qk_norm\): export it without --dense \(as moh_llama\)$"):
         dense_llama_config(moh_hf_config(tiny_config(qk_layernorm=True, add_qkv_bias=True, moh_num_shared_heads=8,
                                                      moh_topk=0, moh_router="query_norm"), VOCAB, MAX_SEQ))
 
