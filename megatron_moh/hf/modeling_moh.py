@@ -102,7 +102,7 @@ class MoHLlamaAttention(LlamaAttention):
 
     def head_gates(self, hidden_states: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Float32 gates ``[B, T, H]`` from the normalised hidden states ``[B, T, hidden]`` and the
-        (pre-RoPE) queries ``[B, T, H, D]``."""
+        queries ``[B, T, H, D]`` before RoPE and before the q-norm."""
         if self.router_kind == "learned":
             logits = self.router(hidden_states).float()
             shared_logits, routed_logits, stage_logits = logits.split(
