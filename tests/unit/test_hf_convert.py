@@ -143,6 +143,8 @@ def test_hf_config_defaults_match_megatron_defaults(heads):
     (dict(moh_topk=5), "moh_topk=5 must be between 1 and the 4 routed heads"),
     (dict(moh_router="query_norm", moh_two_stage=True), "moh_two_stage needs the learned router"),
     (dict(moh_num_shared_heads=9, moh_topk=0), "moh_num_shared_heads=9 must be between 0"),
+    (dict(moh_qkv_bias=True, attention_bias=True), "moh_qkv_bias adds q/k/v biases but attention_bias already "
+                                                   "biases q, k, v and o: set one of them"),
 ])
 def test_bad_hf_config_is_one_clear_line(fields, message):
     with pytest.raises(ValueError, match=message) as err:
