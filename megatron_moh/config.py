@@ -11,7 +11,8 @@ plain multi-head attention). For H query heads, the first ``h_s`` are shared, th
 * binary gates: shared gates are 1, a chosen routed head's gate is 1 in the forward pass and
   its gradient is that of ``p`` (straight-through), an unchosen head's gate is 0 with no gradient.
 * query-norm router (parameter-free): routing logits are the L2 norms of the routed heads'
-  queries divided by their standard deviation across routed heads.
+  queries divided by their standard deviation across routed heads; with ``qk_layernorm`` the
+  queries before the q-norm (after it every head's norm is about the same; see moh_attention).
 * load balance, as the paper's reference code computes it: ``L_b = E * sum_i P_i f_i`` per layer,
   ``P_i`` the mean routed probability of head ``i`` over the micro-batch's tokens, ``f_i`` the
   fraction of those tokens that chose head ``i`` (the ``f_i`` sum to ``k``); uniform routing gives

@@ -4,6 +4,11 @@ Queries, keys and values come from megatron's own column-parallel projection (so
 sharding are megatron's); a router turns each token into per-head gates; each TP rank scales its
 heads' attention outputs by their gates before the row-parallel output projection. Keys and values
 are never gated.
+
+With ``--qk-layernorm`` (per-head RMSNorm of queries and keys, as Qwen3 and OLMo-2) the router sees
+the queries *before* the q-norm: after it every head's query has the same RMS (times the shared
+norm weight, all ones at the start), so query norms would no longer tell heads apart. A forward
+pre-hook on the q-norm keeps its input for the router, so megatron's projection code is not copied.
 """
 
 from __future__ import annotations
@@ -57,6 +62,13 @@ class MoHSelfAttention(SelfAttention):
         self.num_local_shared_heads = min(max(config.moh_num_shared_heads - first_head, 0),
                                           self.num_attention_heads_per_partition)
         self.head_sparse = config.moh_attention_impl == "sparse"
+        self._routing_query: Tensor | None = None
+        if self.q_layernorm is not None:
+            self.q_layernorm.register_forward_pre_hook(self._keep_routing_query)
+
+    def _keep_routing_query(self, q_layernorm: Any, args: tuple[Tensor, ...]) -> None:
+        """The q-norm's input, ``[s, b, heads on this rank, d]``: what the router routes on."""
+        self._routing_query = args[0]
 
     def forward(
         self,
@@ -78,7 +90,13 @@ class MoHSelfAttention(SelfAttention):
             raise NotImplementedError("MoH attention does not support packed sequences (THD) yet")
 
         query, key, value = self.get_query_key_value_tensors(hidden_states)
-        gates = self.router(hidden_states, query)  # [s, b, heads on this rank]
+        routing_query, self._routing_query = self._routing_query, None  # set by the q-norm's pre-hook
+        if routing_query is None:
+            if self.q_layernorm is not None:
+                raise RuntimeError("megatron's get_query_key_value_tensors no longer calls q_layernorm: the "
+                                   "query-norm router would route on normalised queries")
+            routing_query = query
+        gates = self.router(hidden_states, routing_query)  # [s, b, heads on this rank]
 
         if rotary_pos_emb is not None:
             q_pos_emb, k_pos_emb = (

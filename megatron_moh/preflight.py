@@ -73,7 +73,6 @@ REFUSED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("apply_residual_connection_post_layernorm", bool, "megatron-core 0.19 accepts "
      "--apply-residual-connection-post-layernorm but its layers ignore it: drop it"),
     ("num_experts", bool, "--num-experts: MoE MLP layers are not in the MoH layer spec yet; drop --num-experts"),
-    ("qk_layernorm", bool, "--qk-layernorm is not in the MoH layer spec yet; drop it"),
 )
 
 _SENTENCEPIECE = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")

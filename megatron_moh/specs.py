@@ -68,10 +68,14 @@ def _router_class(config: TransformerConfig) -> type:
     return QueryNormHeadRouter if config.moh_router == "query_norm" else LearnedHeadRouter
 
 
-def _attention_spec(config: TransformerConfig, moh: bool, linear_qkv, core_attention, linear_proj) -> ModuleSpec:
+def _attention_spec(config: TransformerConfig, moh: bool, linear_qkv, core_attention, linear_proj,
+                    qk_norm=TorchNorm) -> ModuleSpec:
+    # --qk-layernorm: megatron builds q_layernorm/k_layernorm over one head (kv_channels); with
+    # IdentityOp there it would silently build none, so the spec names the norm class.
+    qk_norm = qk_norm if config.qk_layernorm else IdentityOp
     common = dict(
         linear_qkv=linear_qkv, core_attention=core_attention, linear_proj=linear_proj,
-        q_layernorm=IdentityOp, k_layernorm=IdentityOp,
+        q_layernorm=qk_norm, k_layernorm=qk_norm,
     )
     if not moh:
         return ModuleSpec(SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
@@ -111,7 +115,7 @@ def te_layer_spec(config: TransformerConfig, moh: bool = True) -> ModuleSpec:
     submodules = TransformerLayerSubmodules(
         input_layernorm=TENorm,
         self_attention=_attention_spec(
-            config, moh, TEColumnParallelLinear, TEDotProductAttention, TERowParallelLinear
+            config, moh, TEColumnParallelLinear, TEDotProductAttention, TERowParallelLinear, qk_norm=TENorm
         ),
         self_attn_bda=get_bias_dropout_add,
         pre_mlp_layernorm=IdentityOp,

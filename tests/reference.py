@@ -20,6 +20,12 @@ class RefSettings:
     gate: str  # weighted | binary
     two_stage: bool
     rotary_base: float = 10000.0
+    norm_eps: float = 1e-5  # of the q/k norms
+
+
+def rms_norm(t: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension (one attention head for the q/k norms)."""
+    return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 def rope(t: torch.Tensor, base: float) -> torch.Tensor:
@@ -78,17 +84,23 @@ def reference_load_balance(probs, mask, cfg: RefSettings):
     return torch.mean(me * ce) * routed_heads * routed_heads
 
 
-def reference_moh_attention(x, w_qkv, w_proj, router_weight, cfg: RefSettings, mask=None):
+def reference_moh_attention(x, w_qkv, w_proj, router_weight, cfg: RefSettings, mask=None, qkv_bias=None,
+                            q_norm=None, k_norm=None):
     """x [s, b, hidden] -> (output [s, b, hidden], gates, probs, mask); ``mask`` as in
-    reference_gates."""
+    reference_gates. ``qkv_bias``: the fused projection's bias (Qwen2-style); ``q_norm``/``k_norm``:
+    per-head RMSNorm weights [head_dim] (Qwen3-style), applied before RoPE; the router sees the
+    queries before the norm."""
     s, b, _ = x.shape
     per_group = cfg.heads // cfg.groups
     d = cfg.head_dim
-    qkv = (x @ w_qkv.t()).view(s, b, cfg.groups, (per_group + 2) * d)
+    qkv = x @ w_qkv.t() + (0 if qkv_bias is None else qkv_bias)
+    qkv = qkv.view(s, b, cfg.groups, (per_group + 2) * d)
     query = qkv[..., : per_group * d].reshape(s, b, cfg.heads, d)
     key = qkv[..., per_group * d : (per_group + 1) * d]
     value = qkv[..., (per_group + 1) * d :]
     gates, probs, mask = reference_gates(x, query, router_weight, cfg, mask)
+    if q_norm is not None:
+        query, key = rms_norm(query, q_norm, cfg.norm_eps), rms_norm(key, k_norm, cfg.norm_eps)
     query, key = rope(query, cfg.rotary_base), rope(key, cfg.rotary_base)
     key = key.repeat_interleave(per_group, dim=2)
     value = value.repeat_interleave(per_group, dim=2)

@@ -102,7 +102,6 @@ _NOT_LLAMA = (
     ("position_embedding_type", lambda value: value != "rope", "position_embedding_type must be 'rope'"),
     ("rotary_percent", lambda value: value != 1.0, "rotary_percent must be 1.0"),
     ("rotary_seq_len_interpolation_factor", bool, "rotary_seq_len_interpolation_factor must be unset"),
-    ("use_rope_scaling", bool, "use_rope_scaling (Llama-3.1 RoPE scaling) does not export yet"),
     ("apply_residual_connection_post_layernorm", bool, "apply_residual_connection_post_layernorm must be off"),
 )
 
@@ -144,7 +143,8 @@ def export_hf(
         hf_config = moh_hf_config(
             _model_config(saved), vocab_size=saved.padded_vocab_size,
             max_position_embeddings=saved.max_position_embeddings, rotary_base=saved.rotary_base,
-            tie_embeddings=not saved.untie_embeddings_and_output_weights)
+            tie_embeddings=not saved.untie_embeddings_and_output_weights,
+            rope_scaling_factor=saved.rope_scaling_factor if getattr(saved, "use_rope_scaling", False) else None)
         if dense:
             dense_llama_config(hf_config)
     except ConversionError as err:
@@ -187,11 +187,14 @@ def _import_args(hf_config: Any, config_kwargs: dict, model_kwargs: dict, hf_dir
         "--moh-router", c["moh_router"], "--moh-gate", c["moh_gate"],
         "--moh-two-stage" if c["moh_two_stage"] else "--no-moh-two-stage",
         *({torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}.get(dtype, [])), *tokenizer,
+        *(["--qk-layernorm"] if c["qk_layernorm"] else []), *(["--add-qkv-bias"] if c["add_qkv_bias"] else []),
+        *(["--tie-embeddings-and-output-weights"] if model_kwargs["share_embeddings_and_output_weights"] else []),
+        *(["--use-rope-scaling", "--rope-scaling-factor", model_kwargs["rope_scaling_factor"]]
+          if model_kwargs.get("rope_scaling") else []),
     ]
     args = parse_megatron_args([str(arg) for arg in argv], validate=False)
     args.rank, args.world_size = 0, tensor_parallel * pipeline_parallel
     args.rotary_base = model_kwargs["rotary_base"]
-    args.untie_embeddings_and_output_weights = not model_kwargs["share_embeddings_and_output_weights"]
     with contextlib.redirect_stdout(io.StringIO()):
         validate_args(args, {})
     from megatron.training.vocab_utils import calculate_padded_vocab_size
@@ -293,8 +296,7 @@ def _number(value: Any) -> str:
 def finetune_flags(args: argparse.Namespace) -> list[str]:
     """The pretrain_moh.py flags that build the model ``args`` (a checkpoint's stored arguments)
     describe, at its recorded TP/PP: what ``--load DIR --finetune`` needs besides data and
-    training settings. Tied embeddings have no flag of their own (the project's default is
-    untied), so for them the list includes --use-checkpoint-args, which restores the setting."""
+    training settings."""
     flags = ["--num-layers", args.num_layers, "--hidden-size", args.hidden_size,
              "--ffn-hidden-size", args.ffn_hidden_size, "--num-attention-heads", args.num_attention_heads]
     if getattr(args, "group_query_attention", False):
@@ -302,6 +304,10 @@ def finetune_flags(args: argparse.Namespace) -> list[str]:
     flags += ["--kv-channels", effective_arg(args, "kv_channels"), "--max-position-embeddings",
               args.max_position_embeddings, "--rotary-base", _number(args.rotary_base),
               "--norm-epsilon", args.layernorm_epsilon,
+              *(["--use-rope-scaling", "--rope-scaling-factor", _number(args.rope_scaling_factor)]
+                if getattr(args, "use_rope_scaling", False) else []),
+              *(["--qk-layernorm"] if getattr(args, "qk_layernorm", False) else []),
+              *(["--add-qkv-bias"] if getattr(args, "add_qkv_bias", False) else []),
               "--make-vocab-size-divisible-by", args.make_vocab_size_divisible_by,
               "--tensor-model-parallel-size", args.tensor_model_parallel_size,
               "--pipeline-model-parallel-size", args.pipeline_model_parallel_size]
@@ -321,5 +327,5 @@ def finetune_flags(args: argparse.Namespace) -> list[str]:
     elif getattr(args, "fp16", False):
         flags += ["--fp16"]
     if not args.untie_embeddings_and_output_weights:
-        flags += ["--use-checkpoint-args"]
+        flags += ["--tie-embeddings-and-output-weights"]
     return [str(flag) for flag in flags]

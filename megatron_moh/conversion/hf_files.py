@@ -21,6 +21,7 @@ from torch import Tensor
 
 from megatron_moh.conversion import ConversionError
 from megatron_moh.conversion.hf_configs import (
+    LLAMA_FAMILY,
     MoHLayout,
     dense_llama_config,
     megatron_config_kwargs,
@@ -44,11 +45,8 @@ def _build_on_meta(model_class: type, config: Any, state_dict: dict[str, Tensor]
                               f"unexpected {unexpected[:3]}; convert it with megatron_to_hf and the same config")
     if tied:
         model.tie_weights()
-    # Non-persistent buffers (RoPE frequencies) stayed on the meta device: rebuild them.
-    rotary = model.model.rotary_emb
-    inv_freq, rotary.attention_scaling = rotary.compute_default_rope_parameters(config)
-    rotary.inv_freq = inv_freq
-    rotary.original_inv_freq = inv_freq.clone()
+    # Non-persistent buffers (RoPE frequencies, of any rope_type) stayed on the meta device.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)
     return model
 
 
@@ -147,8 +145,9 @@ class MegatronImport(NamedTuple):
 
 
 def load_hf_config(checkpoint_dir: str | os.PathLike) -> Any:
-    """A Llama or MoH-Llama config from ``checkpoint_dir`` without running its remote code."""
-    from transformers import LlamaConfig
+    """A Llama-family (`LLAMA_FAMILY`) or MoH-Llama config from ``checkpoint_dir`` without running
+    its remote code."""
+    from transformers import AutoConfig
 
     path = Path(checkpoint_dir) / "config.json"
     if not path.exists():
@@ -156,10 +155,10 @@ def load_hf_config(checkpoint_dir: str | os.PathLike) -> Any:
     model_type = json.loads(path.read_text()).get("model_type")
     if model_type == MoHLlamaConfig.model_type:
         return MoHLlamaConfig.from_pretrained(checkpoint_dir)
-    if model_type != "llama":
-        raise ConversionError(f"model_type={model_type!r} in {path} is not supported: only 'llama' "
-                              f"and 'moh_llama' checkpoints import")
-    return LlamaConfig.from_pretrained(checkpoint_dir)
+    if model_type not in LLAMA_FAMILY:
+        raise ConversionError(f"model_type={model_type!r} in {path} is not supported: only "
+                              f"{', '.join(map(repr, LLAMA_FAMILY))} and 'moh_llama' checkpoints import")
+    return AutoConfig.from_pretrained(checkpoint_dir)
 
 
 def load_hf_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, Tensor]:

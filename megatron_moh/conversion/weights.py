@@ -3,8 +3,9 @@
 Pure functions on whole (TP=1, PP=1) state dicts, so whoever gathers a sharded megatron
 checkpoint calls them once the tensors are whole. Megatron's fused QKV weight holds, for each
 query group, its query heads' rows then one key head's rows then one value head's rows; its
-``linear_fc1`` stacks the SwiGLU gate rows on the up rows. The maps only split and concatenate,
-so ``hf_to_megatron(megatron_to_hf(sd, c), c)`` equals ``sd`` bit for bit.
+``linear_fc1`` stacks the SwiGLU gate rows on the up rows; the fused QKV bias (``--add-qkv-bias``)
+follows the weight's rows. The maps only split and concatenate, so
+``hf_to_megatron(megatron_to_hf(sd, c), c)`` equals ``sd`` bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _LAYER_RENAMES = {
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "self_attention.router.weight": "self_attn.router.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",  # --qk-layernorm / Qwen3
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
 # Transformer Engine layers fuse the norms into the following linear; same tensors, other names.
@@ -90,6 +93,20 @@ def _take(sd: dict[str, Tensor], key: str, shape: tuple[int, ...] | None = None)
     return tensor
 
 
+def _split_qkv(fused: Tensor, s: LayerShape) -> tuple[Tensor, Tensor, Tensor]:
+    """megatron's per-group ``[q rows, k rows, v rows]`` (weight or bias) -> q, k, v copies."""
+    q_rows = s.heads // s.groups * s.head_dim
+    per_group = fused.reshape(s.groups, q_rows + 2 * s.head_dim, *fused.shape[1:])
+    q, k, v = per_group.split([q_rows, s.head_dim, s.head_dim], dim=1)
+    return tuple(t.reshape(-1, *fused.shape[1:]).clone() for t in (q, k, v))
+
+
+def _fuse_qkv(q: Tensor, k: Tensor, v: Tensor, s: LayerShape) -> Tensor:
+    """Inverse of `_split_qkv`."""
+    per_group = [t.reshape(s.groups, -1, *t.shape[1:]) for t in (q, k, v)]
+    return torch.cat(per_group, dim=1).reshape(-1, *q.shape[1:])
+
+
 def _refuse_leftovers(sd: dict[str, Tensor], what: str) -> None:
     if sd:
         names = ", ".join(sorted(sd)[:4])
@@ -112,7 +129,6 @@ def megatron_to_hf(state_dict: dict[str, Any], config: Any) -> dict[str, Tensor]
     """
     s = shape_of(config)
     sd = {k: v for k, v in state_dict.items() if not k.endswith(EXTRA_STATE_SUFFIX)}
-    q_rows = s.heads // s.groups * s.head_dim
     out: dict[str, Tensor] = {}
     for megatron_name, hf_name in _GLOBAL_RENAMES.items():
         if megatron_name in sd:
@@ -128,13 +144,14 @@ def megatron_to_hf(state_dict: dict[str, Any], config: Any) -> dict[str, Tensor]
         for megatron_name, hf_name in _LAYER_RENAMES.items():
             if src + megatron_name in sd:
                 out[dst + hf_name] = sd.pop(src + megatron_name)
-        qkv = _take(sd, src + "self_attention.linear_qkv.weight",
-                    ((s.heads + 2 * s.groups) * s.head_dim, s.hidden))
-        per_group = qkv.view(s.groups, q_rows + 2 * s.head_dim, s.hidden)
-        q, k, v = per_group.split([q_rows, s.head_dim, s.head_dim], dim=1)
-        out[dst + "self_attn.q_proj.weight"] = q.reshape(s.heads * s.head_dim, s.hidden).clone()
-        out[dst + "self_attn.k_proj.weight"] = k.reshape(s.groups * s.head_dim, s.hidden).clone()
-        out[dst + "self_attn.v_proj.weight"] = v.reshape(s.groups * s.head_dim, s.hidden).clone()
+        qkv_rows = (s.heads + 2 * s.groups) * s.head_dim
+        qkv = _take(sd, src + "self_attention.linear_qkv.weight", (qkv_rows, s.hidden))
+        for name, tensor in zip("qkv", _split_qkv(qkv, s)):
+            out[dst + f"self_attn.{name}_proj.weight"] = tensor
+        if src + "self_attention.linear_qkv.bias" in sd:
+            bias = _take(sd, src + "self_attention.linear_qkv.bias", (qkv_rows,))
+            for name, tensor in zip("qkv", _split_qkv(bias, s)):
+                out[dst + f"self_attn.{name}_proj.bias"] = tensor
         gate, up = _take(sd, src + "mlp.linear_fc1.weight", (2 * s.ffn, s.hidden)).split(s.ffn, dim=0)
         out[dst + "mlp.gate_proj.weight"] = gate.clone()
         out[dst + "mlp.up_proj.weight"] = up.clone()
@@ -171,11 +188,12 @@ def hf_to_megatron(state_dict: dict[str, Tensor], config: Any, backend: str = "l
         for megatron_name, hf_name in _LAYER_RENAMES.items():
             if src + hf_name in sd:
                 out[dst + megatron_name] = sd.pop(src + hf_name)
-        q = _take(sd, src + "self_attn.q_proj.weight", (s.heads * s.head_dim, s.hidden))
-        k = _take(sd, src + "self_attn.k_proj.weight", (s.groups * s.head_dim, s.hidden))
-        v = _take(sd, src + "self_attn.v_proj.weight", (s.groups * s.head_dim, s.hidden))
-        per_group = [t.reshape(s.groups, -1, s.hidden) for t in (q, k, v)]
-        out[dst + "self_attention.linear_qkv.weight"] = torch.cat(per_group, dim=1).reshape(-1, s.hidden)
+        widths = {"q": s.heads * s.head_dim, "k": s.groups * s.head_dim, "v": s.groups * s.head_dim}
+        qkv = [_take(sd, src + f"self_attn.{n}_proj.weight", (width, s.hidden)) for n, width in widths.items()]
+        out[dst + "self_attention.linear_qkv.weight"] = _fuse_qkv(*qkv, s)
+        if src + "self_attn.q_proj.bias" in sd:  # Qwen2-style: q, k and v all biased
+            biases = [_take(sd, src + f"self_attn.{n}_proj.bias", (width,)) for n, width in widths.items()]
+            out[dst + "self_attention.linear_qkv.bias"] = _fuse_qkv(*biases, s)
         gate = _take(sd, src + "mlp.gate_proj.weight", (s.ffn, s.hidden))
         up = _take(sd, src + "mlp.up_proj.weight", (s.ffn, s.hidden))
         out[dst + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)

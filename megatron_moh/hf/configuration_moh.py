@@ -16,7 +16,16 @@ output is scaled by its gate before ``o_proj``; keys and values are never gated.
 * binary gates: shared gates are 1, a chosen routed head's gate is 1 (straight-through gradient
   of ``p``), an unchosen head's gate is 0.
 * query-norm router (no parameters): routing logits are the L2 norms of the routed heads' queries
-  divided by their standard deviation across routed heads.
+  divided by their standard deviation across routed heads; with ``moh_qk_norm`` the queries before
+  the q-norm (after it every head's query has about the same norm).
+
+Two Llama-family options that LlamaConfig lacks (``moh_``-prefixed like every field added here,
+so that no future LlamaConfig field collides):
+
+* ``moh_qkv_bias``: biases on q_proj, k_proj and v_proj but not o_proj, as Qwen2 and megatron's
+  ``--add-qkv-bias``. (Llama's own ``attention_bias`` biases o_proj too.)
+* ``moh_qk_norm``: a per-head RMSNorm (over ``head_dim``, weights ``self_attn.q_norm`` and
+  ``self_attn.k_norm``) on queries and keys before RoPE, as Qwen3 and megatron's ``--qk-layernorm``.
 """
 
 from transformers import LlamaConfig
@@ -37,6 +46,8 @@ class MoHLlamaConfig(LlamaConfig):
     moh_gate: str | None = None
     moh_two_stage: bool | None = None
     moh_attention_impl: str = "dense"
+    moh_qkv_bias: bool = False
+    moh_qk_norm: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -78,6 +89,9 @@ class MoHLlamaConfig(LlamaConfig):
                                        and 0 < shared < heads):
             problems.append("moh_two_stage needs the learned router, weighted gates and both shared and "
                             "routed heads: set moh_two_stage=False")
+        if self.moh_qkv_bias and self.attention_bias:
+            problems.append("moh_qkv_bias adds q/k/v biases but attention_bias already biases q, k, v and o: "
+                            "set one of them")
         if self.moh_router == "query_norm" and 0 < routed < 2:
             problems.append("the query_norm router needs at least 2 routed heads: use fewer shared heads")
         if problems:

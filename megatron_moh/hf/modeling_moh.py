@@ -2,7 +2,9 @@
 
 Self-contained (imports only torch and transformers): this file is copied next to exported
 weights and loaded with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
-Weight names are Llama's plus ``model.layers.N.self_attn.router.weight`` for the learned router.
+Weight names are Llama's plus ``model.layers.N.self_attn.router.weight`` for the learned router,
+``self_attn.{q,k,v}_proj.bias`` with ``moh_qkv_bias`` and ``self_attn.{q,k}_norm.weight`` with
+``moh_qk_norm`` (Qwen2's and Qwen3's names).
 
 Each head's attention output (after the attention interface, before ``o_proj``) is scaled by a
 per-token gate; keys and values are never gated, so the KV cache, generation, left padding and
@@ -88,10 +90,19 @@ class MoHLlamaAttention(LlamaAttention):
             self.num_shared_logits = self.num_shared if self.gate == "weighted" else 0
             self.num_stage_logits = 2 if config.moh_two_stage else 0
             self.router = nn.Linear(config.hidden_size, config.moh_router_rows, bias=False)
+        if config.moh_qkv_bias:  # Qwen2's attention: q, k, v biased, o not
+            kv_width = config.num_key_value_heads * self.head_dim
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
+            self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=True)
+            self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=True)
+        self.q_norm = self.k_norm = None
+        if config.moh_qk_norm:  # Qwen3's: one RMSNorm over head_dim, shared by the heads
+            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def head_gates(self, hidden_states: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Float32 gates ``[B, T, H]`` from the normalised hidden states ``[B, T, hidden]`` and the
-        (pre-RoPE) queries ``[B, T, H, D]``."""
+        queries ``[B, T, H, D]`` before RoPE and before the q-norm."""
         if self.router_kind == "learned":
             logits = self.router(hidden_states).float()
             shared_logits, routed_logits, stage_logits = logits.split(
@@ -237,9 +248,12 @@ class MoHLlamaAttention(LlamaAttention):
         hidden_shape = (*input_shape, -1, self.head_dim)
 
         query = self.q_proj(hidden_states).view(hidden_shape)
-        gates = self.head_gates(hidden_states, query)
+        gates = self.head_gates(hidden_states, query)  # before the q-norm, as in training
+        key = self.k_proj(hidden_states).view(hidden_shape)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
         query_states = query.transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = key.transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings

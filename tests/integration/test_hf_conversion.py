@@ -333,6 +333,93 @@ def test_published_layout_import_matches_transformers(llama, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# The Llama family through the tool: Qwen3 (q/k norms), Qwen2 (q/k/v biases), Llama-3.2-1B style
+# (tied embeddings, Llama-3.1 RoPE scaling)
+
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+FAMILY = {
+    "qwen3": ("qwen3", dict(tie_word_embeddings=True, head_dim=8)),
+    "qwen2": ("qwen2", {}),
+    "llama-3.2": ("llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE, max_position_embeddings=16384)),
+}
+# What the flags that finetune_flags prints must set as the imported checkpoint recorded.
+FAMILY_FIELDS = ("qk_layernorm", "add_qkv_bias", "use_rope_scaling", "rope_scaling_factor", "rotary_base",
+                 "untie_embeddings_and_output_weights", "num_query_groups", "kv_channels")
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Each model saved by transformers, imported by the tool with every head shared at TP=2, and its
+    logits at 64 positions (far enough for the RoPE scaling to matter)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    imported = {}
+    for i, (name, (model_type, fields)) in enumerate(FAMILY.items()):
+        torch.manual_seed(10 + i)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**LLAMA, **fields})).eval()
+        with torch.no_grad():  # norms start at 1 and biases at 0; make them matter too
+            for param_name, param in model.named_parameters():
+                if param_name.endswith(("norm.weight", ".bias")):
+                    param.uniform_(0.5, 1.5)
+        root = tmp_path_factory.mktemp(name)
+        model.save_pretrained(root / "hf")
+        assert tool("import-hf", "--hf", root / "hf", "--out", root / "ckpt", "--layout", "dense",
+                    "--tensor-model-parallel-size", "2") is None
+        ids = torch.randint(0, VOCAB, (2, SEQ))
+        with torch.no_grad():
+            imported[name] = root, ids, model(ids).logits
+    return imported
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_llama_family_imports_exports_and_prints_its_flags(name, family):
+    """transformers -> megatron (every head shared) -> MoH-Llama keeps the logits, and the printed
+    flags rebuild the imported model's settings."""
+    from megatron_moh.arguments import parse_megatron_args
+    from megatron_moh.hf import MoHLlamaForCausalLM
+
+    root, ids, reference = family[name]
+    with single_process_group():
+        model, saved = load_model(root / "ckpt")
+    torch.testing.assert_close(megatron_logits(model, ids), reference, **TOL)
+    flags = parse_megatron_args(finetune_flags(saved), validate=False)
+    assert {f: checkpoint.effective_arg(flags, f) for f in FAMILY_FIELDS} == {
+        f: checkpoint.effective_arg(saved, f) for f in FAMILY_FIELDS}
+    assert tool("export-hf", "--load", root / "ckpt", "--out", root / "moh") is None
+    exports = {"moh": MoHLlamaForCausalLM.from_pretrained(root / "moh").eval()}
+    dense = tool("export-hf", "--load", root / "ckpt", "--out", root / "dense", "--dense")
+    if name == "llama-3.2":  # tied embeddings and Llama-3.1 RoPE scaling are plain Llama's too
+        from transformers import LlamaForCausalLM
+
+        assert dense is None
+        exports["dense"] = LlamaForCausalLM.from_pretrained(root / "dense").eval()
+    else:
+        assert "a plain Llama has no" in _one_line(dense) and "export it without --dense" in dense
+    for kind, exported in exports.items():
+        with torch.no_grad():
+            torch.testing.assert_close(exported(ids).logits, reference, **TOL, msg=lambda m, kind=kind: f"{kind}: {m}")
+
+
+def test_qwen3_import_continues_training_at_tp2(family, tmp_path):
+    """--qk-layernorm at TP=2 trains from the imported weights with the printed flags."""
+    root = family["qwen3"][0]
+    flags = finetune_flags(checkpoint.read_checkpoint_args(root / "ckpt"))
+    assert "--qk-layernorm" in flags and "--tie-embeddings-and-output-weights" in flags
+    results = launch(run_worker, 2, [
+        *flags, "--mock-data", "--seq-length", str(SEQ), "--micro-batch-size", "4", "--global-batch-size", "8",
+        "--train-iters", "2", "--lr", "1e-3", "--lr-warmup-iters", "0", "--eval-iters", "0", "--log-interval", "1",
+        "--load", str(root / "ckpt"), "--finetune", "--save", str(tmp_path), "--save-interval", "2"], timeout=600)
+    assert {it for it, _ in results[-1]["losses"]} == {0, 1}
+    with single_process_group():
+        start, _ = load_model(root / "ckpt")
+        end, _ = load_model(tmp_path)
+    moved = {k: (end.state_dict()[k] - v).abs().max().item() for k, v in start.state_dict().items()
+             if "layernorm" in k}
+    assert any(key.endswith("q_layernorm.weight") for key in moved) and 0 < max(moved.values()) < 0.01, moved
+
+
+# --------------------------------------------------------------------------------------------
 # Bad input: one line, before any work, nothing overwritten
 
 
@@ -359,7 +446,7 @@ def test_dense_export_of_a_routed_model_is_refused(trained, tmp_path):
 @pytest.mark.parametrize("case,expected", [
     ("no-checkpoint", "does not exist"),
     ("no-hf-dir", "config.json does not exist"),
-    ("foreign-model", "only 'llama' and 'moh_llama' checkpoints import"),
+    ("foreign-model", "only 'llama', 'qwen2', 'qwen3' and 'moh_llama' checkpoints import"),
     ("no-layout", "choose its MoH layout with --layout"),
     ("custom-incomplete", "--layout custom needs --moh-num-shared-heads and --moh-topk"),
     ("tp-too-large", "cannot run at TP=3"),

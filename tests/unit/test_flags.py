@@ -74,6 +74,9 @@ HONOURED: dict[str, tuple[list[str], Callable]] = {
                         lambda m, a: m.share_embeddings_and_output_weights and m.output_layer.weight is None),
     "qkv-bias": (["--add-qkv-bias"], lambda m, a: _attention(m).linear_qkv.bias is not None
                  and _attention(m).linear_proj.bias is None),
+    "qk-layernorm": (["--qk-layernorm"], lambda m, a: all(
+        type(norm) is torch.nn.RMSNorm and norm.weight.shape == (a.kv_channels,)
+        for norm in (_attention(m).q_layernorm, _attention(m).k_layernorm))),
     "linear-bias": (["--add-bias-linear"], lambda m, a: m.decoder.layers[0].mlp.linear_fc1.bias is not None),
     "layernorm": (["--normalization", "LayerNorm"],
                   lambda m, a: type(m.decoder.layers[0].input_layernorm) is torch.nn.LayerNorm),
@@ -118,7 +121,6 @@ REFUSED: dict[str, tuple[list[str], str]] = {
     "local-attention-backend": (["--attention-backend", "local"], "--attention-backend local needs"),
     "post-ln-residual": (["--apply-residual-connection-post-layernorm"], "its layers ignore it"),
     "moe": (["--num-experts", "4"], "MoE MLP layers are not in the MoH layer spec yet"),
-    "qk-layernorm": (["--qk-layernorm"], "--qk-layernorm is not in the MoH layer spec yet"),
 }
 
 

@@ -7,12 +7,14 @@ import torch
 
 from megatron_moh.conversion import ConversionError
 from megatron_moh.conversion.hf_configs import (
+    MEGATRON_LLAMA3_ROPE,
     MoHLayout,
     dense_llama_config,
     is_dense,
     megatron_config_kwargs,
     megatron_model_kwargs,
     moh_hf_config,
+    rope_parameters,
 )
 from megatron_moh.conversion.hf_files import (
     import_hf_checkpoint,
@@ -91,7 +93,7 @@ def test_incomplete_or_foreign_state_dicts_are_refused():
     with pytest.raises(ConversionError, match="state dict has no 'decoder.layers.1"):
         megatron_to_hf(partial, cfg)
     with pytest.raises(ConversionError, match="have no counterpart"):
-        megatron_to_hf({**state, "decoder.layers.0.self_attention.linear_qkv.bias": torch.zeros(3)}, cfg)
+        megatron_to_hf({**state, "decoder.layers.0.self_attention.linear_proj.bias": torch.zeros(64)}, cfg)
     with pytest.raises(ConversionError, match="does not match the config"):
         megatron_to_hf(state, tiny_config(num_query_groups=2))
 
@@ -141,6 +143,8 @@ def test_hf_config_defaults_match_megatron_defaults(heads):
     (dict(moh_topk=5), "moh_topk=5 must be between 1 and the 4 routed heads"),
     (dict(moh_router="query_norm", moh_two_stage=True), "moh_two_stage needs the learned router"),
     (dict(moh_num_shared_heads=9, moh_topk=0), "moh_num_shared_heads=9 must be between 0"),
+    (dict(moh_qkv_bias=True, attention_bias=True), "moh_qkv_bias adds q/k/v biases but attention_bias already "
+                                                   "biases q, k, v and o: set one of them"),
 ])
 def test_bad_hf_config_is_one_clear_line(fields, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -173,10 +177,101 @@ def test_plain_llama_import_needs_a_layout_and_supports_the_published_one():
     assert (dense["moh_num_shared_heads"], dense["moh_topk"]) == (8, 0)
     with pytest.raises(ConversionError, match="layout='nope' is unknown"):
         megatron_config_kwargs(llama, "nope")
-    with pytest.raises(ConversionError, match="rope_type='llama3' is not supported"):
-        megatron_model_kwargs(_plain_llama_config(rope_parameters=dict(
-            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-            high_freq_factor=4.0, original_max_position_embeddings=8192)))
+
+
+# --------------------------------------------------------------------------------------------
+# The Llama family: q/k norms, q/k/v biases, Llama-3.1 RoPE scaling, tied embeddings
+
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_megatron_rope_scaling_is_transformers_llama3(factor, head_dim):
+    """megatron's --use-rope-scaling frequencies equal transformers' rope_type 'llama3' with the
+    parameters export writes (the same float32 operations: bit for bit), and megatron's fixed
+    constants are the ones `MEGATRON_LLAMA3_ROPE` declares."""
+    import inspect
+
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    defaults = inspect.signature(RotaryEmbedding._apply_scaling).parameters
+    assert {key: defaults[key].default for key in MEGATRON_LLAMA3_ROPE} == MEGATRON_LLAMA3_ROPE
+    megatron = RotaryEmbedding(kv_channels=head_dim, rotary_percent=1.0, rotary_base=500000, rope_scaling=True,
+                               rope_scaling_factor=factor, use_cpu_initialization=True).inv_freq
+    hf_config = _plain_llama_config(hidden_size=8 * head_dim, num_attention_heads=8,
+                                    rope_parameters=rope_parameters(500000, factor))
+    hf, scale = ROPE_INIT_FUNCTIONS["llama3"](hf_config)
+    assert scale == 1.0 and torch.equal(megatron, hf)
+    unscaled = RotaryEmbedding(kv_channels=head_dim, rotary_percent=1.0, rotary_base=500000,
+                               use_cpu_initialization=True).inv_freq
+    assert (megatron == unscaled).any() and (megatron < unscaled).any()  # high kept, low slowed
+
+
+def test_llama_family_config_maps_round_trip():
+    cfg = tiny_config(qk_layernorm=True, add_qkv_bias=True)
+    hf_cfg = moh_hf_config(cfg, VOCAB, MAX_SEQ, rotary_base=500000, tie_embeddings=True, rope_scaling_factor=32)
+    assert (hf_cfg.moh_qk_norm, hf_cfg.moh_qkv_bias, hf_cfg.attention_bias) == (True, True, False)
+    assert hf_cfg.rope_parameters == dict(LLAMA3_ROPE, factor=32.0)
+    kwargs = megatron_config_kwargs(hf_cfg)
+    assert (kwargs["qk_layernorm"], kwargs["add_qkv_bias"]) == (True, True)
+    assert megatron_model_kwargs(hf_cfg) == dict(
+        vocab_size=VOCAB, max_sequence_length=MAX_SEQ, rotary_base=500000.0, share_embeddings_and_output_weights=True,
+        rope_scaling=True, rope_scaling_factor=32.0)
+    with pytest.raises(ConversionError, match=r"^a plain Llama has no q/k/v biases \(moh_qkv_bias\) and no q/k norms "
+                       r"\(moh_qk_norm\): export it without --dense \(as moh_llama\)$"):
+        dense_llama_config(moh_hf_config(tiny_config(qk_layernorm=True, add_qkv_bias=True, moh_num_shared_heads=8,
+                                                     moh_topk=0, moh_router="query_norm"), VOCAB, MAX_SEQ))
+
+
+def test_llama_family_megatron_hf_megatron_round_trip_is_bit_identical():
+    cfg = tiny_config(qk_layernorm=True, add_qkv_bias=True, moh_router="query_norm")
+    state = _megatron_state(cfg, tied=True)
+    with torch.no_grad():
+        for key, tensor in state.items():
+            if key.endswith(("layernorm.weight", "linear_qkv.bias")):
+                tensor.uniform_(0.5, 1.5)
+    hf_state = megatron_to_hf(state, cfg)
+    heads, groups, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
+    qkv_bias = state["decoder.layers.1.self_attention.linear_qkv.bias"].view(groups, -1)
+    q, k, v = qkv_bias.split([heads // groups * d, d, d], dim=1)  # each query group: its q, k, v rows
+    for name, rows in zip("qkv", (q, k, v)):
+        assert torch.equal(hf_state[f"model.layers.1.self_attn.{name}_proj.bias"], rows.reshape(-1)), name
+    assert torch.equal(hf_state["model.layers.0.self_attn.k_norm.weight"],
+                       state["decoder.layers.0.self_attention.k_layernorm.weight"])
+    back = hf_to_megatron(hf_state, cfg)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[key], tensor) for key, tensor in state.items())
+
+
+@pytest.mark.parametrize("family,fields,message", [
+    ("llama", dict(attention_bias=True), "llama with attention_bias=True biases o_proj as well as q, k, v: megatron "
+     "has Qwen2-style q/k/v biases only (--add-qkv-bias), and an o_proj bias only with --add-bias-linear, which "
+     "biases the MLP too"),
+    ("qwen3", dict(attention_bias=True), "qwen3 with attention_bias=True biases o_proj as well as q, k, v"),
+    ("llama", dict(mlp_bias=True), "mlp_bias=True is not supported: only MLPs without biases convert"),
+    ("llama", dict(rope_parameters=dict(LLAMA3_ROPE, low_freq_factor=2.0)),
+     "rope_type='llama3' with {'low_freq_factor': 2.0, 'high_freq_factor': 4.0, 'original_max_position_embeddings': "
+     "8192} is not expressible: megatron's --use-rope-scaling fixes {'low_freq_factor': 1.0, 'high_freq_factor': 4.0, "
+     "'original_max_position_embeddings': 8192} (only the factor is a flag)"),
+    ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
+     "rope_type='linear' is not supported by the megatron builder: only default RoPE and Llama-3.1 scaling (llama3) "
+     "convert"),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
+     "qwen2 with sliding-window layers is not supported: only full attention converts (use_sliding_window=False)"),
+])
+def test_inexpressible_llama_family_configs_are_refused_in_one_line(family, fields, message):
+    from transformers import AutoConfig
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=8, max_position_embeddings=MAX_SEQ)
+    config = AutoConfig.for_model(family, **base, **fields)
+    with pytest.raises(ConversionError) as err:
+        megatron_config_kwargs(config, "dense")
+        megatron_model_kwargs(config)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 def test_learned_router_import_starts_at_zero():

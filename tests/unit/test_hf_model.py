@@ -25,6 +25,9 @@ TOL = dict(rtol=0, atol=1e-5)
 # A larger init than the default 0.02 so that routing and attention patterns are far from uniform
 # and a wrong gate shows up well above the tolerance.
 STD = 0.1
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+LONG_CONTEXT = 16384  # above the 8192 original positions, as in the real models (transformers warns otherwise)
 TOKENIZER_SAMPLES = ["Hello  world,\n\tthree   spaces 12345", "  def f(x):\n    return x  # ünïcödé"]
 
 LOADER = textwrap.dedent('''
@@ -69,18 +72,21 @@ def _train_sentencepiece(path):
     return spm.SentencePieceProcessor(model_proto=buffer.getvalue())
 
 
-def _random_llama(seed=0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _random_llama(seed=0, model_type="llama", **overrides):
+    """A random transformers Llama-family model (``model_type`` llama, qwen2 or qwen3)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=MAX_SEQ,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=MAX_SEQ,
                   rms_norm_eps=1e-5, initializer_range=STD, attn_implementation="eager")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**fields, **overrides})).eval()
-    with torch.no_grad():  # norms start at 1; make them matter too
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**fields, **overrides})).eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0; make them matter too
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.uniform_(-0.5, 0.5)
     return model
 
 
@@ -111,6 +117,21 @@ def exported(tmp_path_factory):
                                     moh_hf_config(cfg, VOCAB, MAX_SEQ), tokenizer_model_path=tokenizer)
         models[name] = dict(dir=str(out), remote=True, generate=i == 0, tokenizer=tokenizer is not None)
 
+    # The Llama-family options (q/k norms, q/k/v biases, Llama-3.1 RoPE scaling, tied embeddings) with
+    # the query-norm router, which routes on the queries before the q-norm.
+    cfg = tiny_config(moh_router="query_norm", qk_layernorm=True, add_qkv_bias=True, init_method_std=STD)
+    torch.manual_seed(7)
+    model = build_gpt_model(cfg, vocab_size=VOCAB, max_sequence_length=LONG_CONTEXT, rotary_base=500000,
+                            share_embeddings_and_output_weights=True, rope_scaling=True, rope_scaling_factor=8.0)
+    with torch.no_grad():  # q/k norms start at 1 and biases at 0: make them matter
+        for name, param in model.named_parameters():
+            if name.endswith(("q_layernorm.weight", "k_layernorm.weight", "linear_qkv.bias")):
+                param.uniform_(0.5, 1.5)
+    expected["llama-family"] = megatron_logits(model.eval(), ids)
+    hf_cfg = moh_hf_config(cfg, VOCAB, LONG_CONTEXT, rotary_base=500000, tie_embeddings=True, rope_scaling_factor=8.0)
+    out = save_hf_checkpoint(root / "llama-family", megatron_to_hf(model.state_dict(), cfg), hf_cfg)
+    models["llama-family"] = dict(dir=str(out), remote=True)
+
     # A plain Llama through megatron (every head shared) and back out as a plain Llama.
     llama = _random_llama()
     llama.save_pretrained(root / "llama-in")
@@ -135,6 +156,16 @@ def test_exported_logits_equal_megatron(exported, name):
     assert result["cls"] == "MoHLlamaForCausalLM"
     for impl in ("sdpa", "eager"):
         torch.testing.assert_close(result[impl], exported["expected"][name], **TOL)
+
+
+def test_llama_family_export_gives_megatron_logits(exported):
+    result = exported["results"]["llama-family"]
+    assert result["cls"] == "MoHLlamaForCausalLM"
+    config = json.loads((exported["root"] / "llama-family" / "config.json").read_text())
+    assert (config["moh_qk_norm"], config["moh_qkv_bias"], config["tie_word_embeddings"]) == (True, True, True)
+    assert config["rope_parameters"] == LLAMA3_ROPE
+    for impl in ("sdpa", "eager"):
+        torch.testing.assert_close(result[impl], exported["expected"]["llama-family"], **TOL)
 
 
 def test_dense_export_is_plain_llama_with_the_same_logits(exported):
@@ -181,13 +212,16 @@ def test_all_shared_import_of_a_llama_gives_its_logits(layout):
     torch.testing.assert_close(megatron_logits(model, ids), reference, **TOL)
 
 
-def test_published_layout_import_agrees_between_megatron_and_hf():
-    llama = _random_llama(seed=2, tie_word_embeddings=True)
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_published_layout_import_agrees_between_megatron_and_hf(model_type):
+    """With Qwen3's q/k norms both sides route on the queries before the q-norm."""
+    llama = _random_llama(seed=2, model_type=model_type, tie_word_embeddings=True)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ))
     cfg, model = _import_into_megatron((llama.state_dict(), llama.config), "published")
     assert (cfg.moh_num_shared_heads, cfg.moh_topk, cfg.moh_router, cfg.moh_gate) == (4, 2, "query_norm", "binary")
     hf_cfg = moh_config_from_llama(llama.config, "published")
     assert (hf_cfg.moh_num_shared_heads, hf_cfg.moh_topk, hf_cfg.tie_word_embeddings) == (4, 2, True)
+    assert (hf_cfg.moh_qkv_bias, hf_cfg.moh_qk_norm) == (model_type == "qwen2", model_type == "qwen3")
     moh = MoHLlamaForCausalLM(hf_cfg).eval()
     moh.load_state_dict(llama.state_dict(), strict=True)
     with torch.no_grad():
@@ -197,14 +231,45 @@ def test_published_layout_import_agrees_between_megatron_and_hf():
 
 
 # --------------------------------------------------------------------------------------------
+# The Llama family: each option on a tiny random transformers model, imported with every head shared
+
+# name: (model_type, config fields, what megatron builds: qk_layernorm, add_qkv_bias, tied, RoPE scaling factor)
+FAMILY = {
+    "llama-3.1-rope-scaling": ("llama", dict(rope_parameters=LLAMA3_ROPE, max_position_embeddings=LONG_CONTEXT),
+                               (False, False, False, 8.0)),
+    "llama-3.2-1b-style": ("llama", dict(rope_parameters=dict(LLAMA3_ROPE, factor=32.0), tie_word_embeddings=True,
+                                         max_position_embeddings=LONG_CONTEXT), (False, False, True, 32.0)),
+    "qwen2-qkv-bias": ("qwen2", {}, (False, True, False, None)),
+    "qwen3-qk-norm": ("qwen3", dict(tie_word_embeddings=True), (True, False, True, None)),
+}
+# Positions far enough that Llama-3.1 scaling of the slow RoPE frequencies moves the logits (by ~0.08).
+FAMILY_SEQ = 64
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_llama_family_import_with_every_head_shared_gives_transformers_logits(name, tmp_path):
+    model_type, fields, expected = FAMILY[name]
+    hf_model = _random_llama(seed=4, model_type=model_type, **fields)
+    hf_model.save_pretrained(tmp_path)
+    ids = torch.randint(0, VOCAB, (BATCH, FAMILY_SEQ))
+    with torch.no_grad():
+        reference = hf_model(ids).logits
+    imported = import_hf_checkpoint(tmp_path, "dense")
+    cfg, model = _import_into_megatron(tmp_path, "dense")
+    factor = imported.model_kwargs.get("rope_scaling_factor") if imported.model_kwargs.get("rope_scaling") else None
+    assert (cfg.qk_layernorm, cfg.add_qkv_bias, model.share_embeddings_and_output_weights, factor) == expected
+    torch.testing.assert_close(megatron_logits(model, ids), reference, **TOL)
+
+
+# --------------------------------------------------------------------------------------------
 # The Hugging Face model on its own: cache, attention interfaces, padding
 
 
 def _hf_model(variant, impl="sdpa", seed=0, **overrides):
-    config = MoHLlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=MAX_SEQ,
-                            initializer_range=STD, pad_token_id=0, eos_token_id=None,
-                            attn_implementation=impl, **VARIANTS[variant], **overrides)
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=MAX_SEQ,
+                  initializer_range=STD, pad_token_id=0, eos_token_id=None, attn_implementation=impl)
+    config = MoHLlamaConfig(**{**fields, **VARIANTS[variant], **overrides})
     torch.manual_seed(seed)
     return MoHLlamaForCausalLM(config).eval()
 
@@ -217,11 +282,16 @@ def _greedy_without_cache(model, ids, steps):
     return ids
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_cached_generation_equals_recomputation_and_interfaces_agree(variant):
+# MoH-Llama's Llama-family options, all at once.
+HF_FAMILY = dict(moh_qk_norm=True, moh_qkv_bias=True, rope_parameters=LLAMA3_ROPE, max_position_embeddings=LONG_CONTEXT)
+
+
+@pytest.mark.parametrize("variant,family", [(variant, False) for variant in VARIANTS] + [("query_norm-binary", True)])
+def test_cached_generation_equals_recomputation_and_interfaces_agree(variant, family):
     torch.manual_seed(5)
     ids = torch.randint(1, VOCAB, (BATCH, 7))
-    sdpa, eager = _hf_model(variant, "sdpa"), _hf_model(variant, "eager")
+    options = HF_FAMILY if family else {}
+    sdpa, eager = _hf_model(variant, "sdpa", **options), _hf_model(variant, "eager", **options)
     cached = sdpa.generate(ids, max_new_tokens=10, do_sample=False, use_cache=True)
     assert torch.equal(cached, _greedy_without_cache(sdpa, ids, 10))
     assert torch.equal(cached, eager.generate(ids, max_new_tokens=10, do_sample=False, use_cache=True))

@@ -17,7 +17,7 @@ def _settings(cfg) -> RefSettings:
     return RefSettings(
         heads=cfg.num_attention_heads, groups=cfg.num_query_groups, head_dim=cfg.kv_channels,
         shared=cfg.moh_num_shared_heads, topk=cfg.moh_topk, router=cfg.moh_router,
-        gate=cfg.moh_gate, two_stage=cfg.moh_two_stage,
+        gate=cfg.moh_gate, two_stage=cfg.moh_two_stage, norm_eps=cfg.layernorm_epsilon,
     )
 
 
@@ -25,6 +25,10 @@ def _run_layer(cfg, x, grad_out):
     torch.manual_seed(0)
     attn = build_attention(cfg)
     attn.train()
+    with torch.no_grad():  # q/k norms start at 1 and biases at 0: make them matter
+        for name, param in attn.named_parameters():
+            if name.endswith(("layernorm.weight", "linear_qkv.bias")):
+                param.uniform_(0.5, 1.5)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     x = x.clone().requires_grad_(True)
     out, _ = attn(x, attention_mask=None, rotary_pos_emb=rotary(cfg, SEQ))
@@ -32,38 +36,46 @@ def _run_layer(cfg, x, grad_out):
     return attn, out, x.grad
 
 
+# Llama-family options of the attention: Qwen3-style per-head q/k RMSNorm, Qwen2-style q/k/v bias.
+FAMILY = {"": {}, "qk-norm": dict(qk_layernorm=True), "qk-norm+qkv-bias": dict(qk_layernorm=True, add_qkv_bias=True)}
+
+
 @pytest.mark.parametrize(
-    "router,gate,two_stage",
-    [("learned", "weighted", True), ("learned", "weighted", False), ("learned", "binary", False),
-     ("query_norm", "binary", False), ("query_norm", "weighted", False)],
+    "router,gate,two_stage,family",
+    [("learned", "weighted", True, ""), ("learned", "weighted", False, ""), ("learned", "binary", False, ""),
+     ("query_norm", "binary", False, ""), ("query_norm", "weighted", False, ""),
+     ("query_norm", "binary", False, "qk-norm"), ("query_norm", "weighted", False, "qk-norm+qkv-bias"),
+     ("learned", "weighted", True, "qk-norm+qkv-bias")],
 )
-def test_layer_matches_paper_equations(router, gate, two_stage):
-    cfg = tiny_config(moh_router=router, moh_gate=gate, moh_two_stage=two_stage)
+def test_layer_matches_paper_equations(router, gate, two_stage, family):
+    """With q/k norms the query-norm router routes on the queries before the norm (moh_attention)."""
+    cfg = tiny_config(moh_router=router, moh_gate=gate, moh_two_stage=two_stage, **FAMILY[family])
     torch.manual_seed(1)
     x = torch.randn(SEQ, BATCH, cfg.hidden_size)
     grad_out = torch.randn(SEQ, BATCH, cfg.hidden_size)
     attn, out, x_grad = _run_layer(cfg, x, grad_out)
 
-    params = {
-        "qkv": attn.linear_qkv.weight.detach().clone().requires_grad_(True),
-        "proj": attn.linear_proj.weight.detach().clone().requires_grad_(True),
-    }
-    router_weight = None
+    layer_params = {"qkv": attn.linear_qkv.weight, "proj": attn.linear_proj.weight}
     if router == "learned":
-        router_weight = params["router"] = attn.router.weight.detach().clone().requires_grad_(True)
+        layer_params["router"] = attn.router.weight
+    if cfg.add_qkv_bias:
+        layer_params["qkv_bias"] = attn.linear_qkv.bias
+    if cfg.qk_layernorm:
+        layer_params.update(q_norm=attn.q_layernorm.weight, k_norm=attn.k_layernorm.weight)
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in layer_params.items()}
     x_ref = x.clone().requires_grad_(True)
     settings = _settings(cfg)
-    ref_out, _, probs, mask = reference_moh_attention(x_ref, params["qkv"], params["proj"], router_weight, settings)
+    ref_out, _, probs, mask = reference_moh_attention(
+        x_ref, params["qkv"], params["proj"], params.get("router"), settings, qkv_bias=params.get("qkv_bias"),
+        q_norm=params.get("q_norm"), k_norm=params.get("k_norm"))
     aux = reference_load_balance(probs, mask, settings)
     loss = (ref_out * grad_out).sum() + cfg.moh_load_balance_coeff / cfg.num_layers * aux
     loss.backward()
 
     torch.testing.assert_close(out, ref_out, **FP32_TOL)
     torch.testing.assert_close(x_grad, x_ref.grad, **FP32_TOL)
-    torch.testing.assert_close(attn.linear_qkv.weight.grad, params["qkv"].grad, **FP32_TOL)
-    torch.testing.assert_close(attn.linear_proj.weight.grad, params["proj"].grad, **FP32_TOL)
-    if router == "learned":
-        torch.testing.assert_close(attn.router.weight.grad, params["router"].grad, **FP32_TOL)
+    for name, param in layer_params.items():
+        torch.testing.assert_close(param.grad, params[name].grad, **FP32_TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("topk", [1, 2, 4])
