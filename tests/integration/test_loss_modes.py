@@ -26,4 +26,4 @@ def test_per_token_loss_keeps_the_load_balance_weight():
     assert len(default) == 8  # 4 iterations x 2 micro-batches
     gap = max(abs(a - b) / abs(b) for a, b in zip(default, without))
     assert gap > 1e-4, gap  # the load-balance term moves training measurably ...
-    assert per_token == pytest.approx(default, rel=1e-6)  # ... and equally in both modes
+    assert per_token == pytest.approx(default, rel=1e-5)  # ... and equally in both modes (10x below the gap)
