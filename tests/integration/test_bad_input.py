@@ -60,6 +60,11 @@ def cases(r: Path) -> list[tuple[str, str, list[str], int, list[str]]]:
         ("moh-topk", PRETRAIN, [*RUN, "--moh-topk", "9"], 1, ["moh_topk=9", "lower moh_topk"]),
         ("moh-shared", PRETRAIN, [*RUN, "--moh-num-shared-heads", "-1"], 1, ["moh_num_shared_heads=-1"]),
         ("checkpoint-args", PRETRAIN, [*RUN, "--use-checkpoint-args"], 1, ["--use-checkpoint-args needs --load"]),
+        ("moe-experts-per-rank", PRETRAIN, [*RUN, "--num-experts", "3", "--expert-model-parallel-size", "2"], 1,
+         ["--num-experts 3 is not divisible by --expert-model-parallel-size 2"]),
+        ("moe-megatron-config", PRETRAIN, [*RUN, "--num-experts", "4", "--moe-shared-expert-intermediate-size", "64",
+                                           "--moe-shared-expert-overlap"], 1,
+         ["moe_shared_expert_overlap only works with alltoall or flex token dispatcher"]),
         # pretrain_moh.py: outputs that would fail at the first save or log
         ("save-under-file", PRETRAIN, [*RUN, "--save", f"{r}/afile/ckpt", "--save-interval", "1"], 1,
          [f"--save {r}/afile/ckpt", "is a file, not a directory"]),
