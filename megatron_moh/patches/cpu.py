@@ -2,8 +2,9 @@
 
 megatron assumes CUDA in a few hundred places (current device, streams, events, the
 model-parallel "CUDA" RNG tracker, literal ``device="cuda"`` tensors, ``Tensor.type()`` strings).
-`install` redirects all of them, so TP, SP, PP, DP, the distributed optimizer, distributed
-checkpoints and ``megatron.training`` run on a laptop. `megatron_moh.platform` decides when.
+`install` redirects all of them, so TP, SP, PP, DP, EP (both MoE token dispatchers), the
+distributed optimizer, distributed checkpoints and ``megatron.training`` run on a laptop.
+`megatron_moh.platform` decides when.
 """
 
 from __future__ import annotations
