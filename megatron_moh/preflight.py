@@ -69,6 +69,8 @@ REFUSED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("qk_clip", bool, "--qk-clip reads megatron's attention internals, which the MoH layer does not keep: drop it"),
     ("apply_residual_connection_post_layernorm", bool, "megatron-core 0.19 accepts "
      "--apply-residual-connection-post-layernorm but its layers ignore it: drop it"),
+    ("moe_use_upcycling", bool, "--moe-use-upcycling (dense checkpoint -> MoE) is not wired into the MoH model "
+                                "yet: drop it"),
     ("qk_layernorm", bool, "--qk-layernorm is not in the MoH layer spec yet; drop it"),
 )
 

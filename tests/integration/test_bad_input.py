@@ -95,6 +95,8 @@ def cases(r: Path) -> list[tuple[str, str, list[str], int, list[str]]]:
         ("load-empty", PRETRAIN, [*RUN, "--load", f"{r}/empty"], 1, ["holds no checkpoint"]),
         ("load-other-model", PRETRAIN, [*RUN, "--load", ck, "--hidden-size", "128"], 1,
          ["hidden_size=64 in the checkpoint but 128 here"]),
+        ("load-dense-into-moe", PRETRAIN, [*RUN, "--load", ck, "--num-experts", "4"], 1,
+         ["num_experts=None in the checkpoint but 4 here"]),
         ("resume-other-schedule", PRETRAIN, [*RUN, "--load", ck, "--train-iters", "4"], 1,
          ["another learning-rate schedule", "--train-iters 2 -> 4", "--override-opt_param-scheduler"]),
         ("resume-other-lr", PRETRAIN, [*RUN, "--load", ck, "--lr", "2e-3"], 1, ["--lr 0.001 -> 0.002"]),

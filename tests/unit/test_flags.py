@@ -158,6 +158,7 @@ REFUSED: dict[str, tuple[list[str], str]] = {
     "moe-flex-on-cpu": ([*EXPERTS, "--moe-token-dispatcher-type", "flex"], "flex needs DeepEP/HybridEP on GPUs"),
     "moe-alltoall-expert-tp-on-cpu": ([*EXPERTS, "--moe-token-dispatcher-type", "alltoall", "--sequence-parallel",
                                        "--tensor-model-parallel-size", "2"], "which gloo cannot"),
+    "moe-upcycling": ([*EXPERTS, "--moe-use-upcycling"], "--moe-use-upcycling (dense checkpoint -> MoE)"),
     "qk-layernorm": (["--qk-layernorm"], "--qk-layernorm is not in the MoH layer spec yet"),
 }
 
