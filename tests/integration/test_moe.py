@@ -1,11 +1,11 @@
 """MoH attention with MoE MLPs trained by pretrain_moh.py: expert parallelism (with the all-to-all
-and the all-gather dispatcher, beside TP with sequence parallelism and beside PP) gives one
-process's log, iteration by iteration, from the same weights and data: the LM loss, the grad
-norm, and both aux losses (MoH's head load balance and megatron's expert load balance). Each aux
-loss is in every log line and in TensorBoard exactly once, as a per-iteration mean over
-micro-batches and layers, so one process accumulating 2 micro-batches, 2 data-parallel ranks with
-1 each, and pipeline stages holding half the layers all log the same values.
-(tests/dist/test_expert_parallel.py compares every parameter's gradient.)"""
+dispatcher and the distributed optimizer, with the all-gather dispatcher beside TP with sequence
+parallelism, and beside PP) gives one process's log, iteration by iteration, from the same weights
+and data: the LM loss, the grad norm, and both aux losses (MoH's head load balance and megatron's
+expert load balance). Each aux loss is in every log line and in TensorBoard exactly once, as a
+per-iteration mean over micro-batches and layers, so one process accumulating 2 micro-batches,
+2 data-parallel ranks with 1 each, and pipeline stages holding half the layers all log the same
+values. (tests/dist/test_expert_parallel.py compares every parameter's gradient.)"""
 
 import re
 
@@ -65,7 +65,8 @@ def one_process(initial_checkpoint):
 
 
 LAYOUTS = {
-    "ep2-alltoall": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]),
+    "ep2-alltoall-distributed-optimizer": (2, ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type",
+                                               "alltoall", "--use-distributed-optimizer"]),
     "tp2-ep2-sp": (4, ["--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
                        "--sequence-parallel"]),
     "pp2-ep2": (4, ["--expert-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
@@ -82,7 +83,7 @@ def _assert_same_log(result, reference, layout):
             f"{layout} iteration {it} grad norm: {result[it]['grad norm']} vs {ref['grad norm']}"
 
 
-@pytest.mark.parametrize("layout", ["ep2-alltoall", "tp2-ep2-sp"])
+@pytest.mark.parametrize("layout", ["ep2-alltoall-distributed-optimizer", "tp2-ep2-sp"])
 def test_expert_parallel_layout_matches_one_process(layout, one_process, initial_checkpoint):
     world, extra = LAYOUTS[layout]
     _assert_same_log(_run(initial_checkpoint, world, *extra), one_process, layout)
