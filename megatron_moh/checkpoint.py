@@ -136,6 +136,13 @@ def effective_arg(args: Any, field: str) -> Any:
         return args.hidden_size // args.num_attention_heads
     if field == "moh_two_stage":
         return bool(value)
+    if field == "moe_shared_expert_gate":  # whether a gated shared expert exists
+        return bool(value and getattr(args, "num_experts", None)
+                    and getattr(args, "moe_shared_expert_intermediate_size", None))
+    if field.startswith("moe_") and not getattr(args, "num_experts", None):
+        return None  # no MoE layers: megatron ignores the MoE settings
+    if field == "moe_layer_freq" and isinstance(value, int):
+        return [int(layer % value == 0) for layer in range(args.num_layers)]
     return value
 
 
@@ -145,6 +152,8 @@ MODEL_FIELDS = (
     "kv_channels", "padded_vocab_size", "normalization", "swiglu", "add_bias_linear", "add_qkv_bias",
     "qk_layernorm", "untie_embeddings_and_output_weights", "position_embedding_type",
     "moh_dense_baseline", "moh_num_shared_heads", "moh_topk", "moh_router", "moh_gate", "moh_two_stage",
+    "num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_topk", "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate",
 )
 
 

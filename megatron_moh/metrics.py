@@ -1,7 +1,8 @@
-"""MoH metrics in megatron.training's log: the load-balance loss per layer (megatron's aux-loss
-tracker), per-layer head usage (TensorBoard histograms and a layers x heads heat-map image), and
-a FLOP count that only credits the attention core of the heads each token used, so TFLOP/s and
-MFU are honest.
+"""MoH metrics in megatron.training's log: the load-balance loss per layer (MoH's own instance of
+megatron's aux-loss tracker; megatron.training reports the MoE MLP's aux losses from its global
+one, so each loss is reported once), per-layer head usage (TensorBoard histograms and a layers x
+heads heat-map image), and a FLOP count that only credits the attention core of the heads each
+token used, so TFLOP/s and MFU are honest.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ import torch
 
 from megatron.core import parallel_state
 from megatron.core.num_microbatches_calculator import get_num_microbatches
-from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.training import get_args, get_tensorboard_writer
 from megatron.training import training as megatron_training
 
 from megatron_moh.patches import original, replace, wrap
-from megatron_moh.router import LOAD_BALANCE_LOSS, HeadRouter
+from megatron_moh.router import LOAD_BALANCE_LOSS, HeadRouter, moh_metrics_tracker
 
 # The routers of the model being trained (megatron's log hook is not handed the model); weak, so
 # a model that is gone takes its routers with it.
@@ -75,7 +75,7 @@ def _with_moh_metrics(original_log):
         args = get_args()
         writer = get_tensorboard_writer()
         if not args.moh_dense_baseline and args.moh_topk:
-            get_moe_metrics_tracker().report(
+            moh_metrics_tracker().report(
                 loss_scale=1 / get_num_microbatches(),
                 iteration=iteration,
                 writer=writer,

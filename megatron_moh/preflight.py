@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from megatron_moh.arguments import PROG
-from megatron_moh.checkpoint import CheckpointError, check_load
+from megatron_moh.checkpoint import CheckpointError, check_load, first_line
 from megatron_moh.config import MoHConfigError, check_moh_config, resolve_moh_defaults
 from megatron_moh.outputs import unwritable_reason
-from megatron_moh.specs import TransformerEngineMissing, require_transformer_engine
+from megatron_moh.specs import TransformerEngineMissing, have_transformer_engine, require_transformer_engine
 
 # Counts and sizes that must be at least 1 when given (None: megatron or the project fills them).
 POSITIVE = (
@@ -72,7 +72,8 @@ REFUSED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("qk_clip", bool, "--qk-clip reads megatron's attention internals, which the MoH layer does not keep: drop it"),
     ("apply_residual_connection_post_layernorm", bool, "megatron-core 0.19 accepts "
      "--apply-residual-connection-post-layernorm but its layers ignore it: drop it"),
-    ("num_experts", bool, "--num-experts: MoE MLP layers are not in the MoH layer spec yet; drop --num-experts"),
+    ("moe_use_upcycling", bool, "--moe-use-upcycling (dense checkpoint -> MoE) is not wired into the MoH model "
+                                "yet: drop it"),
 )
 
 _SENTENCEPIECE = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
@@ -80,6 +81,46 @@ _SENTENCEPIECE = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2
 
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
+
+
+def _moe_problems(args: argparse.Namespace) -> list[str]:
+    """MoE settings that megatron-core would reject late (at the first forward, or with a bare
+    assertion) or that cannot run on this stack."""
+    experts, ep, tp = args.num_experts, args.expert_model_parallel_size, args.tensor_model_parallel_size
+    if not experts:
+        return [f"--expert-model-parallel-size {ep} needs --num-experts (the experts it spreads over the "
+                f"ranks)"] if ep and ep > 1 else []
+    problems = []
+    if ep and experts % ep:
+        problems.append(f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}: each "
+                        f"expert-parallel rank holds the same number of experts")
+    if args.moe_router_topk and args.moe_router_topk > experts:
+        problems.append(f"--moe-router-topk {args.moe_router_topk} is more than the {experts} experts: lower it")
+    freq = args.moe_layer_freq
+    if isinstance(freq, int) and freq < 1:
+        problems.append(f"--moe-layer-freq {freq} must be at least 1 (an MoE MLP every N layers)")
+    elif isinstance(freq, list) and (len(freq) != args.num_layers or set(freq) - {0, 1}):
+        problems.append(f"--moe-layer-freq {freq} must give 0 (dense) or 1 (MoE) for each of the "
+                        f"{args.num_layers} layers")
+    if tp > 1 and not args.sequence_parallel:
+        problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core's MoE "
+                        "layer refuses to train without it)")
+    if args.moe_grouped_gemm and args.transformer_impl != "transformer_engine":
+        problems.append("--moe-grouped-gemm needs Transformer Engine's grouped GEMM (--transformer-impl "
+                        "transformer_engine); the local spec runs the experts one after another: drop it")
+    if args.moe_latent_size and not have_transformer_engine():
+        problems.append("--moe-latent-size builds Transformer Engine linears, which are not importable here: drop it")
+    if args.distributed_backend == "gloo":
+        dispatcher = args.moe_token_dispatcher_type
+        expert_tp = args.expert_tensor_parallel_size or tp
+        if dispatcher == "flex":
+            problems.append("--moe-token-dispatcher-type flex needs DeepEP/HybridEP on GPUs: on CPU (gloo) use "
+                            "allgather (the default) or alltoall")
+        elif dispatcher == "alltoall" and expert_tp > 1:
+            problems.append(f"--moe-token-dispatcher-type alltoall with expert tensor parallelism {expert_tp} "
+                            f"gathers uneven token counts, which gloo cannot: on CPU use allgather (the default) "
+                            f"or --expert-tensor-parallel-size 1")
+    return problems
 
 
 def check_values(args: argparse.Namespace) -> None:
@@ -92,7 +133,8 @@ def check_values(args: argparse.Namespace) -> None:
             problems.append(f"{_flag(field)} {value} must be at least 1")
     for field in NON_NEGATIVE:
         value = getattr(args, field, None)
-        if value is not None and not (value >= 0 and math.isfinite(value)):
+        values = value if isinstance(value, list) else [value]  # --moe-aux-loss-coeff takes one per loss type
+        if any(v is not None and not (v >= 0 and math.isfinite(v)) for v in values):
             problems.append(f"{_flag(field)} {value} must be a finite number, 0 or more")
     for field in PROBABILITIES:
         value = getattr(args, field, None)
@@ -106,6 +148,7 @@ def check_values(args: argparse.Namespace) -> None:
     for field, asked, why in REFUSED:
         if asked(getattr(args, field, None)):
             problems.append(why)
+    problems += _moe_problems(args)
     if problems:
         raise SystemExit(f"{PROG}: error: {problems[0]}")
 
@@ -152,6 +195,17 @@ def build_checked_tokenizer(args: argparse.Namespace) -> Any:
     return build_tokenizer(args)
 
 
+def _check_model_config(args: argparse.Namespace) -> None:
+    """megatron-core's own checks of the model config (many MoE combinations among them), which
+    would otherwise raise only when the model is built, after start-up."""
+    from megatron_moh.model import config_from_args
+
+    try:
+        config_from_args(args)
+    except (ValueError, AssertionError) as err:
+        raise MoHConfigError(explain_assertion(err) if isinstance(err, AssertionError) else first_line(err)) from None
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Exit with a one-line message for impossible MoH settings, unwritable outputs, unusable data
     or an unusable ``--load`` checkpoint."""
@@ -165,6 +219,7 @@ def check_args(args: argparse.Namespace) -> None:
             require_transformer_engine("--transformer-impl transformer_engine")
         resolve_moh_defaults(args)
         check_moh_config(args)
+        _check_model_config(args)
         tokenizer = build_checked_tokenizer(args)
         if args.data_path is not None:
             validate_data(args.data_path, tokenizer, split=args.split)

@@ -19,13 +19,23 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_tensor_model_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_moh.config import MoHTransformerConfig
 
 LOAD_BALANCE_LOSS = "moh_load_balance_loss"
+
+# MoH's own instance of megatron's MoE metrics tracker: a tracker's report() zeroes every metric it
+# holds, so sharing megatron's global one would wipe the MoE MLP's aux losses before megatron
+# reports them (or the reverse).
+_METRICS = MoEMetricsTracker()
+
+
+def moh_metrics_tracker() -> MoEMetricsTracker:
+    """The tracker the head routers record their load-balance loss in (per layer, per step)."""
+    return _METRICS
 
 
 def gates_from_logits(
@@ -111,7 +121,7 @@ class HeadRouter(MegatronModule):
         mean_prob = probs.reshape(-1, self.num_routed).sum(dim=0) / tokens
         loss = self.num_routed * torch.sum(mean_prob * fraction)
         if counting:  # training forwards only: not evaluation, not the recompute's dry run
-            get_moe_metrics_tracker().record(
+            moh_metrics_tracker().record(
                 LOAD_BALANCE_LOSS,
                 loss,
                 layer_number=self.layer_number,

@@ -5,6 +5,11 @@
 CPU and GPU. ``te``: Transformer Engine linears, norms and attention, needed for FP8. Both keep the
 input norm outside the QKV projection so the learned router sees the normalised token, and both
 name checkpoint keys alike (the local spec's map), so checkpoints move between backends.
+
+The MLP is megatron's dense MLP, or megatron-core's MoE layer (router, token dispatcher, experts,
+shared experts) on the layers ``--moe-layer-freq`` picks; an MoE layer keeps its pre-MLP norm as a
+module of its own in both backends (no fused ``linear_fc1`` to hold it), so its key is
+``pre_mlp_layernorm.weight`` in either.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import dataclasses
 import functools
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.enums import AttnMaskType, LayerType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -25,7 +32,11 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 
 from megatron_moh.core_attention import local_core_attention
 from megatron_moh.moh_attention import MoHSelfAttention, MoHSelfAttentionSubmodules
@@ -84,8 +95,35 @@ def _attention_spec(config: TransformerConfig, moh: bool, linear_qkv, core_atten
                       submodules=MoHSelfAttentionSubmodules(**common, router=_router_class(config)))
 
 
-def local_layer_spec(config: TransformerConfig, moh: bool = True) -> ModuleSpec:
-    """A Llama-style layer from megatron-core's own modules (CPU and GPU)."""
+def _keys_map(moe: bool) -> dict[str, str]:
+    """An MoE layer's pre-MLP norm is its own module in both backends: only the input norm maps."""
+    return {"input_layernorm.": _KEYS_MAP["input_layernorm."]} if moe else dict(_KEYS_MAP)
+
+
+def _moe_mlp(config: TransformerConfig, backend: BackendSpecProvider):
+    """megatron-core's MoE layer with the backend's experts (sequential experts, or TE's grouped
+    GEMM with ``--moe-grouped-gemm``) and shared experts."""
+    return get_moe_module_spec_for_backend(
+        backend=backend, num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
+    )
+
+
+def moe_layer_pattern(config: TransformerConfig) -> list[bool]:
+    """Which layers (all of them, from 0) have an MoE MLP: ``moe_layer_freq`` N puts one on every
+    Nth layer starting with the first, a list gives 1 (MoE) or 0 (dense) per layer, as megatron's
+    ``get_gpt_decoder_layer_specs`` reads it."""
+    if not config.num_moe_experts:
+        return [False] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [i % freq == 0 for i in range(config.num_layers)]
+    if len(freq) != config.num_layers or set(freq) - {0, 1}:
+        raise ValueError(f"moe_layer_freq={freq} must give 0 or 1 for each of the {config.num_layers} layers")
+    return [bool(moe) for moe in freq]
+
+
+def local_layer_spec(config: TransformerConfig, moh: bool = True, moe: bool = False) -> ModuleSpec:
+    """A Llama-style layer from megatron-core's own modules (CPU and GPU); ``moe``: an MoE MLP."""
     base = get_gpt_layer_local_submodules()
     attention = base.self_attention.submodules
     submodules = dataclasses.replace(
@@ -95,14 +133,16 @@ def local_layer_spec(config: TransformerConfig, moh: bool = True) -> ModuleSpec:
         self_attention=_attention_spec(
             config, moh, attention.linear_qkv, local_core_attention(config), attention.linear_proj
         ),
-        mlp=functools.partial(base.mlp, ffn_hidden_size=config.ffn_hidden_size),
-        sharded_state_dict_keys_map=dict(_KEYS_MAP),
+        mlp=_moe_mlp(config, LocalSpecProvider()) if moe
+        else functools.partial(base.mlp, ffn_hidden_size=config.ffn_hidden_size),
+        sharded_state_dict_keys_map=_keys_map(moe),
     )
     return ModuleSpec(TransformerLayer, submodules=submodules)
 
 
-def te_layer_spec(config: TransformerConfig, moh: bool = True) -> ModuleSpec:
-    """A Llama-style layer from Transformer Engine modules, so FP8 applies to its GEMMs."""
+def te_layer_spec(config: TransformerConfig, moh: bool = True, moe: bool = False) -> ModuleSpec:
+    """A Llama-style layer from Transformer Engine modules, so FP8 applies to its GEMMs; ``moe``:
+    an MoE MLP."""
     require_transformer_engine("the Transformer Engine layer spec")
     from megatron.core.extensions.transformer_engine import (
         TEColumnParallelLinear,
@@ -111,19 +151,21 @@ def te_layer_spec(config: TransformerConfig, moh: bool = True) -> ModuleSpec:
         TENorm,
         TERowParallelLinear,
     )
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
+    dense_mlp = functools.partial(
+        MLP.as_mlp_submodule,
+        submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear),
+        ffn_hidden_size=config.ffn_hidden_size,
+    )
     submodules = TransformerLayerSubmodules(
         input_layernorm=TENorm,
         self_attention=_attention_spec(
             config, moh, TEColumnParallelLinear, TEDotProductAttention, TERowParallelLinear, qk_norm=TENorm
         ),
         self_attn_bda=get_bias_dropout_add,
-        pre_mlp_layernorm=IdentityOp,
-        mlp=functools.partial(
-            MLP.as_mlp_submodule,
-            submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear),
-            ffn_hidden_size=config.ffn_hidden_size,
-        ),
+        pre_mlp_layernorm=TENorm if moe else IdentityOp,
+        mlp=_moe_mlp(config, TESpecProvider()) if moe else dense_mlp,
         mlp_bda=get_bias_dropout_add,
         sharded_state_dict_keys_map={"input_layernorm.": _KEYS_MAP["input_layernorm."]},
     )
@@ -137,17 +179,25 @@ def block_spec(
     vp_stage: int | None = None,
     pp_rank: int | None = None,
 ) -> ModuleSpec:
-    """The decoder block of one pipeline stage: its layers and the final norm."""
+    """The decoder block of one pipeline stage: its layers (dense or MoE MLP, by
+    `moe_layer_pattern`) and the final norm."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
     if backend == "te":
-        layer = te_layer_spec(config, moh)
+        layer_spec = te_layer_spec
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
-        layer = local_layer_spec(config, moh)
+        layer_spec = local_layer_spec
         final_norm = TorchNorm
-    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    pattern = moe_layer_pattern(config)
+    layers = {moe: layer_spec(config, moh, moe=moe) for moe in set(pattern)}
+    layout = config.pipeline_model_parallel_layout
+    if layout is not None:  # megatron's explicit per-stage layout names the layers of each stage
+        ids = layout.get_layer_id_list(layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank)
+    else:
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        ids = range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank))
     return ModuleSpec(
         TransformerBlock,
-        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm),
+        submodules=TransformerBlockSubmodules(layer_specs=[layers[pattern[i]] for i in ids], layer_norm=final_norm),
     )

@@ -112,6 +112,14 @@ def _check_llama_positions(saved: argparse.Namespace) -> None:
             raise CheckpointError(f"this run is not Llama-shaped: {what} for a Hugging Face export")
 
 
+def _check_dense_mlp(saved: argparse.Namespace) -> None:
+    """The Hugging Face model has Llama's dense MLP: an MoE run is refused before any work."""
+    if getattr(saved, "num_experts", None):
+        raise CheckpointError(f"this run has MoE MLP layers (--num-experts {saved.num_experts}), which the Hugging "
+                              f"Face export does not support yet: keep training and evaluating it with "
+                              f"pretrain_moh.py")
+
+
 def export_hf(
     load_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -137,6 +145,7 @@ def export_hf(
                               f"number of bytes") from None
     out = _fresh_output_dir(out_dir, overwrite)
     saved = read_checkpoint_args(load_dir)
+    _check_dense_mlp(saved)
     _check_llama_positions(saved)
     tokenizer, tokenizer_kind = _export_tokenizer(saved, tokenizer_model)
     try:

@@ -56,6 +56,8 @@ def one_process_args(saved: argparse.Namespace) -> argparse.Namespace:
     args.virtual_pipeline_model_parallel_size = None
     args.num_layers_per_virtual_pipeline_stage = None
     args.context_parallel_size = 1
+    args.expert_model_parallel_size = 1
+    args.expert_tensor_parallel_size = 1
     args.sequence_parallel = False
     args.use_cpu_initialization = True
     args.perform_initialization = False  # the checkpoint overwrites every weight

@@ -2,8 +2,9 @@
 
 megatron assumes CUDA in a few hundred places (current device, streams, events, the
 model-parallel "CUDA" RNG tracker, literal ``device="cuda"`` tensors, ``Tensor.type()`` strings).
-`install` redirects all of them, so TP, SP, PP, DP, the distributed optimizer, distributed
-checkpoints and ``megatron.training`` run on a laptop. `megatron_moh.platform` decides when.
+`install` redirects all of them, so TP, SP, PP, DP, EP (both MoE token dispatchers), the
+distributed optimizer, distributed checkpoints and ``megatron.training`` run on a laptop.
+`megatron_moh.platform` decides when.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class _NoStream:
     def query(self) -> bool:
         return True
 
+    def record_event(self, *args: Any, **kwargs: Any) -> "_NoStream":
+        # megatron's all-to-all token dispatcher synchronizes on the event a stream records.
+        return _NoStream()
+
     def elapsed_time(self, other: Any) -> float:
         return 0.0
 
@@ -125,6 +130,7 @@ def _patch_torch_cuda() -> None:
 
 def _patch_megatron() -> None:
     from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer.moe import token_dispatcher
     from megatron.training import arguments, training
 
     rng = "the model-parallel CUDA RNG tracker uses the CPU generator"
@@ -161,6 +167,20 @@ def _patch_megatron() -> None:
 
     wrap(training, "build_train_valid_test_data_iterators", without_drawing,
          why="exact resume with dropout on the CPU", params=("build_train_valid_test_datasets_provider",))
+
+    # The all-to-all MoE token dispatcher turns its split sizes into numpy arrays when it moves
+    # them off the GPU; on the CPU nothing moves, and torch.distributed refuses tensors as sizes.
+    def numpy_on_cpu(move: Any) -> Any:
+        @functools.wraps(move)
+        def maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+            if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+                return tensor.detach().numpy().copy()
+            return move(tensor, as_numpy, record_stream)
+
+        return maybe_move_tensor_to_cpu
+
+    wrap(token_dispatcher, "maybe_move_tensor_to_cpu", numpy_on_cpu,
+         why="the all-to-all MoE dispatcher on the CPU", params=("tensor", "as_numpy", "record_stream"))
 
 
 def install() -> None:

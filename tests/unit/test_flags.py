@@ -19,6 +19,9 @@ import torch
 from megatron.core.activations import squared_relu
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
 
 from megatron_moh import preflight
 from megatron_moh.arguments import parse_megatron_args
@@ -53,6 +56,24 @@ def _attention(model):
 
 def _inv_freq(model):
     return model.rotary_pos_emb.inv_freq
+
+
+def _moe(model, layer: int = 0):
+    """Layer ``layer``'s MoE MLP, or None where it has a dense one."""
+    mlp = model.decoder.layers[layer].mlp
+    return mlp if isinstance(mlp, MoELayer) else None
+
+
+def _moe_pattern(model) -> list[bool]:
+    return [_moe(model, i) is not None for i in range(len(model.decoder.layers))]
+
+
+def _on_moe(check: Callable) -> Callable:
+    """A flag-table check of the first layer's MoE MLP (false where that layer has a dense MLP)."""
+    return lambda m, a: _moe(m) is not None and check(_moe(m))
+
+
+EXPERTS = ["--num-experts", "4"]
 
 
 # (flag(s), what must be true of the model built with them). Each check could fail: the default
@@ -99,6 +120,29 @@ HONOURED: dict[str, tuple[list[str], Callable]] = {
                    and (_attention(m).router.num_shared, _attention(m).router.topk) == (2, 3)),
     # Loss: checked by training, in tests/integration/test_loss_modes.py (the load-balance weight).
     "per-token-loss": (["--calculate-per-token-loss"], lambda m, a: m.config.calculate_per_token_loss),
+    # MoE MLP: megatron-core's MoE layer in every MoH layer. The aux losses and expert parallelism
+    # (--expert-model-parallel-size) are checked by training, in tests/integration/test_moe.py, and
+    # gradient by gradient in tests/dist/test_expert_parallel.py.
+    "moe": (EXPERTS, lambda m, a: _moe_pattern(m) == [True, True] and len(_moe(m).experts.local_experts) == 4
+            and isinstance(_moe(m).token_dispatcher, MoEAllGatherTokenDispatcher)
+            and isinstance(_attention(m), MoHSelfAttention)),
+    "moe-router-topk": ([*EXPERTS, "--moe-router-topk", "3"], _on_moe(lambda moe: moe.router.topk == 3)),
+    "moe-aux-loss-coeff": ([*EXPERTS, "--moe-aux-loss-coeff", "0.02"],
+                           _on_moe(lambda moe: moe.router.get_aux_loss_coeff("aux_loss") == 0.02)),
+    "moe-z-loss-coeff": ([*EXPERTS, "--moe-z-loss-coeff", "0.001"],
+                         _on_moe(lambda moe: moe.router.config.moe_z_loss_coeff == 0.001)),
+    "moe-ffn-size": ([*EXPERTS, "--moe-ffn-hidden-size", "48"],
+                     _on_moe(lambda moe: moe.experts.local_experts[0].linear_fc2.weight.shape == (64, 48))),
+    "moe-shared-expert": ([*EXPERTS, "--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate"],
+                          _on_moe(lambda moe: moe.shared_experts.linear_fc2.weight.shape == (64, 32)
+                                  and moe.shared_experts.gate_weight.shape == (1, 64))),
+    "moe-layer-freq": ([*EXPERTS, "--moe-layer-freq", "2"],
+                       lambda m, a: _moe_pattern(m) == [True, False] and type(m.decoder.layers[1].mlp) is MLP),
+    "moe-layer-pattern": ([*EXPERTS, "--moe-layer-freq", "[0,1]"], lambda m, a: _moe_pattern(m) == [False, True]),
+    "moe-alltoall": ([*EXPERTS, "--moe-token-dispatcher-type", "alltoall"],
+                     _on_moe(lambda moe: isinstance(moe.token_dispatcher, MoEAlltoAllTokenDispatcher))),
+    "moe-dense-attention": ([*EXPERTS, "--moh-dense-baseline"],
+                            lambda m, a: _moe(m) is not None and type(_attention(m)) is SelfAttention),
 }
 
 # (flags, words of the one-line refusal).
@@ -120,7 +164,18 @@ REFUSED: dict[str, tuple[list[str], str]] = {
     "qk-clip": (["--qk-clip"], "--qk-clip"),
     "local-attention-backend": (["--attention-backend", "local"], "--attention-backend local needs"),
     "post-ln-residual": (["--apply-residual-connection-post-layernorm"], "its layers ignore it"),
-    "moe": (["--num-experts", "4"], "MoE MLP layers are not in the MoH layer spec yet"),
+    "ep-without-experts": (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2 needs --num-experts"),
+    "experts-per-ep-rank": ([*EXPERTS[:1], "6", "--expert-model-parallel-size", "4"],
+                            "--num-experts 6 is not divisible by --expert-model-parallel-size 4"),
+    "moe-topk": ([*EXPERTS, "--moe-router-topk", "5"], "--moe-router-topk 5 is more than the 4 experts"),
+    "moe-layer-freq-zero": ([*EXPERTS, "--moe-layer-freq", "0"], "--moe-layer-freq 0 must be at least 1"),
+    "moe-layer-pattern-length": ([*EXPERTS, "--moe-layer-freq", "[1,0,1]"], "for each of the 2 layers"),
+    "moe-tp-without-sp": ([*EXPERTS, "--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
+    "moe-grouped-gemm-local": ([*EXPERTS, "--moe-grouped-gemm"], "--moe-grouped-gemm needs Transformer Engine"),
+    "moe-flex-on-cpu": ([*EXPERTS, "--moe-token-dispatcher-type", "flex"], "flex needs DeepEP/HybridEP on GPUs"),
+    "moe-alltoall-expert-tp-on-cpu": ([*EXPERTS, "--moe-token-dispatcher-type", "alltoall", "--sequence-parallel",
+                                       "--tensor-model-parallel-size", "2"], "which gloo cannot"),
+    "moe-upcycling": ([*EXPERTS, "--moe-use-upcycling"], "--moe-use-upcycling (dense checkpoint -> MoE)"),
 }
 
 

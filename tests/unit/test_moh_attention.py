@@ -82,12 +82,12 @@ def test_layer_matches_paper_equations(router, gate, two_stage, family):
 def test_load_balance_loss_value_and_gradient(topk):
     """The paper's load-balance loss (its reference code's formula, tests/reference.py) for k = 1,
     2 and 4 of 4 routed heads: value, gradient, and the logged value."""
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron_moh.router import moh_metrics_tracker
 
     cfg = tiny_config(moh_load_balance_coeff=0.5, moh_router="learned", moh_topk=topk)
     torch.manual_seed(2)
     x = torch.randn(SEQ, BATCH, cfg.hidden_size)
-    tracker = get_moe_metrics_tracker()
+    tracker = moh_metrics_tracker()
     tracker.clear()
     attn, _, _ = _run_layer(cfg, x, torch.zeros(SEQ, BATCH, cfg.hidden_size))
     # The LM-side loss is zero here, so every router gradient comes from the balance loss.

@@ -23,6 +23,7 @@ CPU = [
     "megatron.training.training.initialize_megatron",
     "megatron.training.arguments.get_device_arch_version",
     "megatron.training.training.build_train_valid_test_data_iterators",
+    "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
 ]
 MEGATRON_TRAINING = [
     "megatron.core.datasets.utils.compile_helpers",
