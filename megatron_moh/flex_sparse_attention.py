@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from megatron_moh.sparse_attention import dense_causal_heads
+from megatron_moh.sparse_attention import check_inputs, dense_causal_heads
 
 # flex_attention's default tile: 128 query rows x 128 keys.
 BLOCK = 128
@@ -179,14 +179,7 @@ def flex_head_sparse_attention(
         ``[s, b, hp * d]``, equal to ``head_sparse_attention`` with the same arguments.
     """
     s, b, hp, d = query.shape
-    g = key.shape[2]
-    if key.shape != (s, b, g, d) or value.shape != key.shape or hp % g:
-        raise ValueError(f"key/value {tuple(key.shape)}/{tuple(value.shape)} do not fit query "
-                         f"{tuple(query.shape)}: need [s, b, g, d] with g dividing {hp}")
-    if gates.shape != (s, b, hp):
-        raise ValueError(f"gates {tuple(gates.shape)} should be [s, b, heads] = {(s, b, hp)}")
-    if not 0 <= num_dense_heads <= hp:
-        raise ValueError(f"num_dense_heads={num_dense_heads} must be between 0 and {hp}")
+    check_inputs(query, key, value, gates, num_dense_heads)
     if num_dense_heads < hp and topk < 1:
         raise ValueError(f"topk={topk}: routed heads need topk >= 1")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)

@@ -312,6 +312,19 @@ def dense_causal_heads(query: Tensor, key: Tensor, value: Tensor, num_heads: int
     return out.permute(2, 0, 1, 3)
 
 
+def check_inputs(query: Tensor, key: Tensor, value: Tensor, gates: Tensor, num_dense_heads: int) -> None:
+    """One-line errors for shapes the head-sparse cores cannot take (both paths share them)."""
+    s, b, hp, d = query.shape
+    g = key.shape[2]
+    if key.shape != (s, b, g, d) or value.shape != key.shape or hp % g:
+        raise ValueError(f"key/value {tuple(key.shape)}/{tuple(value.shape)} do not fit query "
+                         f"{tuple(query.shape)}: need [s, b, g, d] with g dividing {hp}")
+    if gates.shape != (s, b, hp):
+        raise ValueError(f"gates {tuple(gates.shape)} should be [s, b, heads] = {(s, b, hp)}")
+    if not 0 <= num_dense_heads <= hp:
+        raise ValueError(f"num_dense_heads={num_dense_heads} must be between 0 and {hp}")
+
+
 def head_sparse_attention(
     query: Tensor,
     key: Tensor,
@@ -337,14 +350,7 @@ def head_sparse_attention(
         routed gate that is 0 gets gradient 0 (see the module docstring for why that is safe).
     """
     s, b, hp, d = query.shape
-    g = key.shape[2]
-    if key.shape != (s, b, g, d) or value.shape != key.shape or hp % g:
-        raise ValueError(f"key/value {tuple(key.shape)}/{tuple(value.shape)} do not fit query "
-                         f"{tuple(query.shape)}: need [s, b, g, d] with g dividing {hp}")
-    if gates.shape != (s, b, hp):
-        raise ValueError(f"gates {tuple(gates.shape)} should be [s, b, heads] = {(s, b, hp)}")
-    if not 0 <= num_dense_heads <= hp:
-        raise ValueError(f"num_dense_heads={num_dense_heads} must be between 0 and {hp}")
+    check_inputs(query, key, value, gates, num_dense_heads)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
 
     sorted_lanes = None
