@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 from megatron_moh.arguments import PROG
 from megatron_moh.checkpoint import CheckpointError, check_load, first_line
 from megatron_moh.config import MoHConfigError, check_moh_config, resolve_moh_defaults
+from megatron_moh.conversion import ConversionError, hf_generation
 from megatron_moh.outputs import unwritable_reason
 from megatron_moh.specs import TransformerEngineMissing, have_transformer_engine, require_transformer_engine
 
@@ -75,8 +77,6 @@ REFUSED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("moe_use_upcycling", bool, "--moe-use-upcycling (dense checkpoint -> MoE) is not wired into the MoH model "
                                 "yet: drop it"),
 )
-
-_SENTENCEPIECE = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
 
 
 def _flag(field: str) -> str:
@@ -182,14 +182,15 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def build_checked_tokenizer(args: argparse.Namespace) -> Any:
     """megatron's tokenizer for ``args`` (this also sets ``args.padded_vocab_size``), after a
-    one-line check that a sentencepiece model file is one."""
+    one-line check that a sentencepiece model or Hugging Face tokenizer directory is one, of the
+    kind ``--tokenizer-type`` names."""
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 
-    from megatron_moh.tokenizer import TokenizerError, check_tokenizer_model
+    from megatron_moh.tokenizer import HUGGINGFACE_TYPE, SENTENCEPIECE_TYPES, TokenizerError, check_tokenizer_model
 
-    if args.tokenizer_type in _SENTENCEPIECE:
+    if args.tokenizer_type in (HUGGINGFACE_TYPE, *SENTENCEPIECE_TYPES):
         try:
-            check_tokenizer_model(args.tokenizer_model)
+            check_tokenizer_model(args.tokenizer_model, args.tokenizer_type)
         except TokenizerError as err:
             raise SystemExit(f"{PROG}: error: --tokenizer-model: {err}") from None
     return build_tokenizer(args)
@@ -208,7 +209,8 @@ def _check_model_config(args: argparse.Namespace) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Exit with a one-line message for impossible MoH settings, unwritable outputs, unusable data
-    or an unusable ``--load`` checkpoint."""
+    or an unusable ``--load`` checkpoint; then carry an imported model's generation settings from
+    the checkpoint it starts from to ``--save`` (`hf_generation`)."""
     from megatron_moh.data.validation import DataError, validate_data
 
     check_outputs(args)
@@ -224,7 +226,9 @@ def check_args(args: argparse.Namespace) -> None:
         if args.data_path is not None:
             validate_data(args.data_path, tokenizer, split=args.split)
         check_load(args)
-    except (MoHConfigError, DataError, TransformerEngineMissing, CheckpointError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            hf_generation.carry(args.load or args.pretrained_checkpoint, args.save)
+    except (MoHConfigError, DataError, TransformerEngineMissing, CheckpointError, ConversionError) as err:
         raise SystemExit(f"{PROG}: error: {err}") from None
 
 

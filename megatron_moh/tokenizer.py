@@ -1,15 +1,23 @@
-"""Train and load the sentencepiece tokenizer.
+"""Train the sentencepiece tokenizer; check and load any tokenizer megatron-moh reads.
 
-Loading reuses megatron's own tokenizer: `load_tokenizer(path)` returns exactly the object that
-``--tokenizer-type GPTSentencePieceTokenizer --tokenizer-model path`` builds inside
-megatron.training (``vocab_size``, ``eod``, ``pad``, ``bos``, ``unique_identifiers``,
-``tokenize``, ``detokenize``), so data prepared here and data read by ``pretrain()`` agree on
-every id and share GPTDataset index caches. Only training is ours.
+Two kinds of tokenizer are read everywhere (training, preprocessing, analysis, export):
+
+* a sentencepiece ``.model`` file (megatron's ``GPTSentencePieceTokenizer``), the kind
+  `train_tokenizer` writes and the built-in corpus uses;
+* a Hugging Face tokenizer directory (megatron's ``HuggingFaceTokenizer``): ``tokenizer.json``
+  (Llama-3, Qwen2, Qwen3 ship only that) or a sentencepiece model with its ``tokenizer_config.json``.
+
+Loading reuses megatron's own tokenizers: `load_tokenizer(path)` returns exactly the object that
+``--tokenizer-type TYPE --tokenizer-model path`` builds inside megatron.training (``vocab_size``,
+``eod``, ``pad``, ``bos``, ``unique_identifiers``, ``tokenize``, ``detokenize``), so data prepared
+here and data read by ``pretrain()`` agree on every id and share GPTDataset index caches. A Hugging
+Face tokenizer's ``tokenize`` adds what its post-processor adds (Llama-3: ``<|begin_of_text|>``
+first); the end of a document is its EOS (megatron's ``eod``).
 
 Trained models are byte-level BPE: ids 0-3 are ``<unk> <s> </s> <pad>``, then the 256 byte pieces,
 then merges. ``</s>`` ends every document (megatron's ``eod``). Normalisation is off and runs of
 spaces are kept, so ``detokenize(tokenize(text)) == text`` for any text, code examples included.
-This module imports megatron only inside `load_tokenizer`, so training stays a sub-second job.
+This module imports megatron and transformers only inside functions, so training stays a sub-second job.
 """
 
 from __future__ import annotations
@@ -21,13 +29,16 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 EOD_PIECE = "</s>"
 NUM_BYTE_PIECES = 256
 MIN_VOCAB_SIZE = NUM_BYTE_PIECES + 4 + 1
-MEGATRON_TOKENIZER_TYPE = "GPTSentencePieceTokenizer"
+SENTENCEPIECE_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
+HUGGINGFACE_TYPE = "HuggingFaceTokenizer"
+MEGATRON_TOKENIZER_TYPE = SENTENCEPIECE_TYPES[0]  # what train_tokenizer's models are read as
 # sentencepiece trains on lines; longer lines are skipped, so allow long docstring paragraphs.
 _MAX_LINE_BYTES = 16384
 
@@ -105,21 +116,35 @@ def train_tokenizer(
     return model_path
 
 
-def load_tokenizer(model_path: str) -> Any:
-    """Megatron's sentencepiece tokenizer for `model_path`, built the way megatron.training does.
+def tokenizer_type_of(path: str) -> str:
+    """The megatron ``--tokenizer-type`` that reads ``path``: ``HuggingFaceTokenizer`` for a
+    directory, ``GPTSentencePieceTokenizer`` for a file."""
+    return HUGGINGFACE_TYPE if os.path.isdir(path) else MEGATRON_TOKENIZER_TYPE
+
+
+def load_tokenizer(path: str, tokenizer_type: str | None = None) -> Any:
+    """Megatron's tokenizer for ``path`` (a sentencepiece model or a Hugging Face tokenizer
+    directory), built the way megatron.training builds it for ``--tokenizer-type tokenizer_type
+    --tokenizer-model path`` (the type defaults to what the path is).
 
     The result has ``vocab_size``, ``eod``, ``pad``, ``bos``, ``unique_identifiers``,
     ``tokenize(text) -> list[int]`` and ``detokenize(ids) -> str``.
     """
-    check_tokenizer_model(model_path)
+    tokenizer_type = check_tokenizer_model(path, tokenizer_type)
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 
+    # megatron.training's defaults for these flags (tests/unit/test_data_tools.py compares).
     args = argparse.Namespace(
-        tokenizer_type=MEGATRON_TOKENIZER_TYPE,
-        tokenizer_model=model_path,
+        tokenizer_type=tokenizer_type,
+        tokenizer_model=path,
         metadata_path=None,
         chat_template=None,
         special_tokens=None,
+        vocab_file=None,
+        merge_file=None,
+        tokenizer_hf_no_use_fast=False,
+        tokenizer_hf_no_include_special_tokens=False,
+        trust_remote_code=False,
         tokenizer_sentencepiece_legacy=False,
         tokenizer_sentencepiece_ignore_extra_whitespaces=True,
         pad_vocab_size=False,  # padding to a TP multiple is the model's business, not the data's
@@ -127,45 +152,83 @@ def load_tokenizer(model_path: str) -> Any:
     return build_tokenizer(args)
 
 
-def megatron_tokenizer_args(model_path: str) -> list[str]:
+def megatron_tokenizer_args(path: str) -> list[str]:
     """The megatron.training flags that select this same tokenizer."""
-    return ["--tokenizer-type", MEGATRON_TOKENIZER_TYPE, "--tokenizer-model", model_path]
+    return ["--tokenizer-type", tokenizer_type_of(path), "--tokenizer-model", path]
 
 
-def check_tokenizer_model(model_path: str) -> None:
-    """Fail with one line if `model_path` is not a readable sentencepiece model."""
-    if not model_path:
-        raise TokenizerError("no tokenizer model given; pass --tokenizer-model PATH/TO/x.model")
-    if os.path.isdir(model_path):
+def check_tokenizer_model(path: str | None, tokenizer_type: str | None = None) -> str:
+    """Fail with one line unless ``path`` is a readable tokenizer of the kind ``tokenizer_type``
+    names (any kind when None); return the megatron tokenizer type that reads it."""
+    if not path:
+        raise TokenizerError("no tokenizer model given; pass --tokenizer-model with a sentencepiece .model file "
+                             "or a Hugging Face tokenizer directory")
+    if not os.path.exists(path):
+        hint = f"did you mean {path}.model? " if os.path.isfile(f"{path}.model") else ""
         raise TokenizerError(
-            f"tokenizer model {model_path} is a directory; pass the .model file inside it"
+            f"tokenizer model {path} not found; {hint}pass a sentencepiece .model file (tools/train_tokenizer.py "
+            "writes one) or a local Hugging Face tokenizer directory (a hub name needs the network: download it)"
         )
-    if not os.path.isfile(model_path):
-        hint = (
-            f"did you mean {model_path}.model? " if os.path.isfile(f"{model_path}.model") else ""
-        )
-        raise TokenizerError(
-            f"tokenizer model {model_path} not found; {hint}train one with "
-            "tools/train_tokenizer.py or pass the right --tokenizer-model"
-        )
+    kind = tokenizer_type_of(path)
+    if tokenizer_type in (HUGGINGFACE_TYPE, *SENTENCEPIECE_TYPES) and (tokenizer_type == HUGGINGFACE_TYPE) != (
+            kind == HUGGINGFACE_TYPE):
+        if kind == HUGGINGFACE_TYPE:
+            raise TokenizerError(f"{path} is a Hugging Face tokenizer directory but --tokenizer-type is "
+                                 f"{tokenizer_type}: pass --tokenizer-type {HUGGINGFACE_TYPE}")
+        raise TokenizerError(f"{path} is a sentencepiece model file but --tokenizer-type is {tokenizer_type}: "
+                             f"pass --tokenizer-type {MEGATRON_TOKENIZER_TYPE} (or the Hugging Face tokenizer "
+                             "directory it came from)")
+    if kind == HUGGINGFACE_TYPE:
+        _check_huggingface_dir(path)
+    else:
+        _check_sentencepiece_file(path)
+    return tokenizer_type or kind
+
+
+def _check_sentencepiece_file(path: str) -> None:
     import sentencepiece as spm
 
     try:
-        spm.SentencePieceProcessor(model_file=model_path)
+        spm.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError):
         raise TokenizerError(
-            f"{model_path} is not a sentencepiece model; pass the .model file written by "
-            "tools/train_tokenizer.py (not the .vocab file)"
+            f"{path} is not a sentencepiece model; pass the .model file written by tools/train_tokenizer.py "
+            "(not the .vocab file) or a Hugging Face tokenizer directory"
         ) from None
 
 
-def file_md5(path: str) -> str:
-    """Hex md5 of a file, to record which tokenizer made a dataset."""
+def _check_huggingface_dir(path: str) -> None:
+    files = {p.name for p in Path(path).iterdir()}
+    if "tokenizer.json" not in files and not any(name.endswith(".model") for name in files):
+        raise TokenizerError(f"{path} is a directory holding neither tokenizer.json nor a sentencepiece .model: "
+                             "pass a Hugging Face tokenizer directory or a .model file")
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a bad directory
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise TokenizerError(f"{path} does not load as a Hugging Face tokenizer: "
+                             f"{lines[0] if lines else type(err).__name__}") from None
+
+
+def tokenizer_digest(path: str) -> str:
+    """Hex md5 of a tokenizer: the ``.model`` file, or the files of a Hugging Face tokenizer
+    directory (by name), to record which tokenizer made a dataset."""
     digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    files = sorted(Path(path).iterdir()) if os.path.isdir(path) else [Path(path)]
+    for file in files:
+        if file.is_file() and (len(files) == 1 or _is_tokenizer_file(file.name)):
+            digest.update(file.name.encode() + b"\0")
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
     return digest.hexdigest()
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "chat_template")) or \
+        name.endswith((".model", "vocab.json", "merges.txt"))
 
 
 def vocab_fingerprint(tokenizer: Any) -> str | None:

@@ -70,12 +70,12 @@ def checkpoint_tokenizer(saved: argparse.Namespace, tokenizer_model: str | None,
     if given (refused with `DataError` when its vocabulary is not the checkpoint's), else the run's
     own ``--tokenizer-model`` if that file is still there, else None (refused when ``needed``)."""
     recorded = getattr(saved, "tokenizer_model", None)
-    recorded_here = bool(recorded) and os.path.isfile(recorded)
+    recorded_here = bool(recorded) and os.path.exists(recorded)
     path = tokenizer_model or (recorded if recorded_here else None)
     if path is None:
         if needed:
             where = (f"its tokenizer {recorded} is not on this machine" if recorded
-                     else f"it was trained with {getattr(saved, 'tokenizer_type', None)}, which has no model file")
+                     else f"it was trained with {getattr(saved, 'tokenizer_type', None)}, which has no model files")
             raise DataError(f"text --data needs the checkpoint's tokenizer, but {where}; pass --tokenizer-model")
         return None
     tokenizer = tok.load_tokenizer(path)

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per dataset (default 65536)")
     parser.add_argument("--out", required=True, help="directory for the PNGs and heads.json")
     parser.add_argument("--tokenizer-model", default=None,
-                        help="tokenizer for text sources; default: the checkpoint's (must match it)")
+                        help="tokenizer for text sources (sentencepiece .model or Hugging Face tokenizer directory); "
+                             "default: the checkpoint's (must match it)")
     parser.add_argument("--seq-length", type=int, default=None, help="tokens per sequence (default: the run's)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="order in which documents are drawn (default 0)")

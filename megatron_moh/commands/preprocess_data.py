@@ -2,6 +2,8 @@
 
     megatron-moh-preprocess --input corpus.jsonl --output-prefix data/corpus \
         --tokenizer-model tok/moh.model --workers 4
+    megatron-moh-preprocess --input corpus.jsonl --output-prefix data/corpus \
+        --tokenizer-model Meta-Llama-3-8B/ --workers 8     # a Hugging Face tokenizer directory
 
 (or ``python tools/preprocess_data.py ...``). One sequence per document, end-of-document id
 appended (--no-append-eod to skip), written with megatron-core's IndexedDatasetBuilder plus a
@@ -29,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
                         help=".txt or .jsonl files, read in the order given")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx")
-    parser.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
+    parser.add_argument("--tokenizer-model", required=True,
+                        help="sentencepiece .model file, or a Hugging Face tokenizer directory (tokenizer.json)")
+    parser.add_argument("--tokenizer-type", default=None,
+                        choices=[tokenizer.HUGGINGFACE_TYPE, *tokenizer.SENTENCEPIECE_TYPES],
+                        help="megatron's name for the tokenizer's kind; default: what --tokenizer-model is")
     parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl input")
     parser.add_argument("--txt-mode", choices=preprocess.TXT_MODES, default="file",
                         help="a .txt file is one document, or one per paragraph / line")
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             raise DataError(f"--workers {args.workers}; use 1 or more")
         preprocess.check_input_files(args.input, args.json_key)
-        tokenizer.check_tokenizer_model(args.tokenizer_model)
+        tokenizer_type = tokenizer.check_tokenizer_model(args.tokenizer_model, args.tokenizer_type)
         preprocess.check_output_prefix(args.output_prefix, args.overwrite)
         progress = not args.no_progress
         total = preprocess.count_documents(args.input, args.txt_mode) if progress else None
@@ -59,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 preprocess.iter_documents(args.input, args.json_key, args.txt_mode),
                 args.output_prefix,
                 args.tokenizer_model,
+                tokenizer_type=tokenizer_type,
                 workers=args.workers,
                 append_eod=args.append_eod,
                 overwrite=args.overwrite,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from megatron_moh.checkpoint import RELEASE, TRACKER, CheckpointError, effective_arg, read_checkpoint_args
-from megatron_moh.conversion import ConversionError
+from megatron_moh.conversion import ConversionError, hf_generation
 from megatron_moh.conversion.hf_configs import dense_llama_config, megatron_config_kwargs, moh_hf_config
 from megatron_moh.conversion.hf_files import (
     import_hf_checkpoint,
@@ -32,8 +32,8 @@ from megatron_moh.conversion.hf_files import (
 from megatron_moh.conversion.weights import megatron_to_hf
 from megatron_moh.conversion.whole_model import build_model, load_model, one_process_args, single_process_group
 from megatron_moh.outputs import removed_on_failure, share_like_umask, unwritable_reason
+from megatron_moh.tokenizer import HUGGINGFACE_TYPE, SENTENCEPIECE_TYPES, TokenizerError, check_tokenizer_model
 
-SENTENCEPIECE_TOKENIZERS = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
 
 
 def _fresh_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -80,21 +80,21 @@ def _model_config(args: argparse.Namespace):
     return core_transformer_config_from_args(args, MoHTransformerConfig)
 
 
-def _export_tokenizer(saved: argparse.Namespace, tokenizer_model: str | os.PathLike | None) -> tuple[str | None, str]:
-    """(sentencepiece model or Hugging Face tokenizer directory to export, its kind)."""
+def _export_tokenizer(saved: argparse.Namespace, tokenizer_model: str | os.PathLike | None) -> str | None:
+    """The tokenizer to export: ``tokenizer_model`` if given, else the run's own sentencepiece model
+    or Hugging Face tokenizer directory (None for runs without one, e.g. NullTokenizer)."""
     if tokenizer_model is not None:
-        path = Path(tokenizer_model)
-        if not path.exists():
-            raise CheckpointError(f"--tokenizer-model {path} does not exist")
-        return str(path), "hf" if path.is_dir() else "sentencepiece"
+        if not Path(tokenizer_model).exists():
+            raise CheckpointError(f"--tokenizer-model {tokenizer_model} does not exist")
+        return str(tokenizer_model)
     kind = getattr(saved, "tokenizer_type", None)
     stored = getattr(saved, "tokenizer_model", None)
-    if kind in SENTENCEPIECE_TOKENIZERS or kind == "HuggingFaceTokenizer":
+    if kind in (HUGGINGFACE_TYPE, *SENTENCEPIECE_TYPES):
         if not stored or not Path(stored).exists():
             raise CheckpointError(f"the run's tokenizer ({kind}, {stored}) is not on this machine: pass "
-                                  f"--tokenizer-model with its sentencepiece .model file")
-        return str(stored), "hf" if kind == "HuggingFaceTokenizer" else "sentencepiece"
-    return None, "none"
+                                  f"--tokenizer-model with its sentencepiece .model file or Hugging Face directory")
+        return str(stored)
+    return None
 
 
 # Run settings outside the TransformerConfig that a Hugging Face Llama cannot express.
@@ -147,7 +147,8 @@ def export_hf(
     saved = read_checkpoint_args(load_dir)
     _check_dense_mlp(saved)
     _check_llama_positions(saved)
-    tokenizer, tokenizer_kind = _export_tokenizer(saved, tokenizer_model)
+    tokenizer = _export_tokenizer(saved, tokenizer_model)
+    generation = hf_generation.read(load_dir)
     try:
         hf_config = moh_hf_config(
             _model_config(saved), vocab_size=saved.padded_vocab_size,
@@ -163,12 +164,8 @@ def export_hf(
         hf_state = megatron_to_hf(model.state_dict(), model.config)
         writer = save_dense_hf_checkpoint if dense else save_hf_checkpoint
         with _written_atomically(out) as scratch:
-            writer(scratch, hf_state, hf_config, max_shard_size=max_shard_size,
-                   tokenizer_model_path=tokenizer if tokenizer_kind == "sentencepiece" else None)
-            if tokenizer_kind == "hf":
-                from transformers import AutoTokenizer
-
-                AutoTokenizer.from_pretrained(tokenizer).save_pretrained(scratch)
+            writer(scratch, hf_state, hf_config, max_shard_size=max_shard_size, tokenizer_model_path=tokenizer,
+                   generation=generation)
     return out
 
 
@@ -179,10 +176,9 @@ def _import_args(hf_config: Any, config_kwargs: dict, model_kwargs: dict, hf_dir
 
     from megatron_moh.arguments import parse_megatron_args
 
-    tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    has_tokenizer = any((hf_dir / name).exists() for name in tokenizer_files)
-    tokenizer = (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf_dir.resolve())]
-                 if has_tokenizer else ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(hf_config.vocab_size)])
+    tokenizer = (["--tokenizer-type", HUGGINGFACE_TYPE, "--tokenizer-model", str(hf_dir.resolve())]
+                 if _has_tokenizer(hf_dir) else
+                 ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(hf_config.vocab_size)])
     c = config_kwargs
     argv = [
         "--num-layers", c["num_layers"], "--hidden-size", c["hidden_size"], "--ffn-hidden-size", c["ffn_hidden_size"],
@@ -211,6 +207,34 @@ def _import_args(hf_config: Any, config_kwargs: dict, model_kwargs: dict, hf_dir
     args.padded_vocab_size = calculate_padded_vocab_size(hf_config.vocab_size, divisible_by, tensor_parallel,
                                                          logging_enabled=False)
     return args
+
+
+def _has_tokenizer(hf_dir: Path) -> bool:
+    return any((hf_dir / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def _vocab_divisor(hf_dir: Path, vocab_size: int, requested: int, tensor_parallel: int) -> int:
+    """The ``--make-vocab-size-divisible-by`` (a multiple of ``requested``) at which training with
+    the directory's tokenizer pads to the same vocabulary as the checkpoint: megatron pads the
+    tokenizer's size, which can be below the model's ``vocab_size`` (Qwen2: 151,665 of 151,936)."""
+    if not _has_tokenizer(hf_dir):
+        return requested
+    try:
+        check_tokenizer_model(str(hf_dir))
+    except TokenizerError as err:
+        raise CheckpointError(f"--hf: {err} (or remove its tokenizer files to import without a tokenizer)") from None
+    from transformers import AutoTokenizer
+
+    size = len(AutoTokenizer.from_pretrained(hf_dir))
+    if size > vocab_size:
+        raise CheckpointError(f"the tokenizer in {hf_dir} has {size} ids but the model's vocabulary only "
+                              f"{vocab_size}: they do not belong together")
+    divisor = requested
+    while True:  # ends: once divisor x TP >= vocab_size both sizes pad to one multiple
+        multiple = divisor * tensor_parallel
+        if -(-size // multiple) == -(-vocab_size // multiple):
+            return divisor
+        divisor += requested
 
 
 def _check_layout(config_kwargs: dict, tensor_parallel: int, pipeline_parallel: int) -> None:
@@ -245,9 +269,12 @@ def import_hf(
     no optimizer or RNG state), written from this one process: torch_dist stores every tensor
     whole-addressable and megatron reshards on load, so it loads at any TP/PP. The chosen TP fixes
     the padded vocabulary (the Llama vocabulary rounded up to a multiple of
-    ``make_vocab_size_divisible_by`` x TP, new rows zero; train with the same
-    ``--make-vocab-size-divisible-by``), and TP/PP are recorded as the run's layout. A learned
-    router starts at zero (see megatron_moh.conversion.hf_configs).
+    ``make_vocab_size_divisible_by`` x TP, new rows zero; raised to a multiple of itself at which
+    the directory's tokenizer, if smaller than the vocabulary, pads to the same size in training;
+    train with the ``--make-vocab-size-divisible-by`` that the printed flags give), and TP/PP are
+    recorded as the run's layout. A learned router starts at zero (see
+    megatron_moh.conversion.hf_configs). The model's special token ids, chat template and
+    generation config go with the checkpoint (`hf_generation`).
     """
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.utils import _clean_metadata_for_serialization
@@ -271,10 +298,12 @@ def import_hf(
         imported = import_hf_checkpoint(hf_dir, layout)
     except ConversionError as err:
         raise CheckpointError(str(err)) from None
+    divisor = _vocab_divisor(hf_dir, hf_config.vocab_size, make_vocab_size_divisible_by, tensor_parallel)
+    generation = hf_generation.read_hf_model(hf_dir)
     state = dict(imported.state_dict)
     dtype = dtype or state["embedding.word_embeddings.weight"].dtype
     args = _import_args(hf_config, imported.config_kwargs, imported.model_kwargs, hf_dir, tensor_parallel,
-                        pipeline_parallel, make_vocab_size_divisible_by, dtype)
+                        pipeline_parallel, divisor, dtype)
     for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
         if key in state:
             rows = state[key]
@@ -294,6 +323,7 @@ def import_hf(
             (scratch / RELEASE).mkdir()
             dist_checkpointing.save(common, str(scratch / RELEASE),
                                     content_metadata=_clean_metadata_for_serialization(metadata))
+            hf_generation.write(scratch, generation)
             (scratch / TRACKER).write_text(RELEASE)
     return out
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from megatron_moh.conversion import ConversionError
+from megatron_moh.conversion import ConversionError, hf_generation
 from megatron_moh.conversion.hf_configs import (
     LLAMA_FAMILY,
     MoHLayout,
@@ -27,6 +26,7 @@ from megatron_moh.conversion.hf_configs import (
     megatron_config_kwargs,
     megatron_model_kwargs,
 )
+from megatron_moh.conversion.hf_tokenizer import load_export_tokenizer
 from megatron_moh.conversion.weights import hf_to_megatron
 from megatron_moh.hf.configuration_moh import MoHLlamaConfig
 
@@ -50,38 +50,24 @@ def _build_on_meta(model_class: type, config: Any, state_dict: dict[str, Tensor]
     return model
 
 
-def _save_tokenizer(out_dir: Path, tokenizer_model_path: str | os.PathLike, config: Any) -> None:
-    """Convert a sentencepiece model to a fast tokenizer (same ids) and save it beside the weights;
-    the config's special token ids follow the tokenizer's."""
-    from transformers import AutoTokenizer
-
-    if not Path(tokenizer_model_path).is_file():
-        raise ConversionError(f"tokenizer model {tokenizer_model_path} does not exist: pass the "
-                              f"sentencepiece .model file the model was trained with")
-    with tempfile.TemporaryDirectory(prefix="moh-tok-") as tmp:
-        shutil.copy(tokenizer_model_path, Path(tmp) / "tokenizer.model")
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
-    if tokenizer.pad_token is None:  # the conversion drops sentencepiece's pad piece; keep it
-        import sentencepiece
-
-        processor = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model_path))
-        if processor.pad_id() >= 0:
-            tokenizer.pad_token = processor.id_to_piece(processor.pad_id())
-    tokenizer.save_pretrained(out_dir)
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            setattr(config, name, value)
-
-
-def _write(model: torch.nn.Module, out_dir: Path, tokenizer_model_path, max_shard_size) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _write(model: torch.nn.Module, out_dir: Path, tokenizer_model_path: str | os.PathLike | None,
+           max_shard_size: int | str, generation: dict[str, Any] | None) -> Path:
+    """Weights and config, the tokenizer (sentencepiece model or Hugging Face directory) and the
+    generation settings; the config's special ids are the imported model's, else the tokenizer's."""
+    tokenizer = None
     if tokenizer_model_path is not None:
-        _save_tokenizer(out_dir, tokenizer_model_path, model.config)
-        model.generation_config.bos_token_id = model.config.bos_token_id
-        model.generation_config.eos_token_id = model.config.eos_token_id
-        model.generation_config.pad_token_id = model.config.pad_token_id
+        if not Path(tokenizer_model_path).exists():
+            raise ConversionError(f"tokenizer model {tokenizer_model_path} does not exist: pass the sentencepiece "
+                                  f".model file or Hugging Face tokenizer directory the model was trained with")
+        tokenizer = load_export_tokenizer(str(tokenizer_model_path), model.config.vocab_size)
+    ids = hf_generation.special_token_ids(generation, tokenizer)
+    for name, value in ids.items():
+        setattr(model.config, name, value)
+    out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    hf_generation.write_generation_files(out_dir, generation, ids)
     return out_dir
 
 
@@ -91,10 +77,12 @@ def save_hf_checkpoint(
     hf_config: MoHLlamaConfig,
     tokenizer_model_path: str | os.PathLike | None = None,
     max_shard_size: int | str = "5GB",
+    generation: dict[str, Any] | None = None,
 ) -> Path:
     """Write a ``moh_llama`` checkpoint: config.json (with auto_map), the two modeling files,
     safetensors weights (sharded above ``max_shard_size``), generation_config.json and, given a
-    sentencepiece ``tokenizer.model``, a fast tokenizer with the same ids. Loads with
+    sentencepiece model or Hugging Face tokenizer directory, the tokenizer with the same ids; the
+    generation settings of an imported model (`hf_generation`) as they were. Loads with
     ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)``."""
     from megatron_moh.hf.modeling_moh import MoHLlamaForCausalLM
 
@@ -102,7 +90,7 @@ def save_hf_checkpoint(
     model = _build_on_meta(MoHLlamaForCausalLM, hf_config, hf_state_dict)
     type(hf_config).register_for_auto_class("AutoConfig")
     MoHLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    _write(model, out_dir, tokenizer_model_path, max_shard_size)
+    _write(model, out_dir, tokenizer_model_path, max_shard_size, generation)
     # save_pretrained copies the files of the classes registered above; make sure both are there
     # even if the classes were loaded from elsewhere (e.g. transformers' remote-code cache).
     for name in HF_CODE_FILES:
@@ -117,9 +105,10 @@ def save_dense_hf_checkpoint(
     hf_config: MoHLlamaConfig,
     tokenizer_model_path: str | os.PathLike | None = None,
     max_shard_size: int | str = "5GB",
+    generation: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a plain ``LlamaForCausalLM`` checkpoint (no custom code). Exact only because it
-    refuses (ValueError) any model whose gates are not all exactly 1."""
+    """Write a plain ``LlamaForCausalLM`` checkpoint (no custom code), as `save_hf_checkpoint`
+    does. Exact only because it refuses (ValueError) any model whose gates are not all exactly 1."""
     from transformers import LlamaForCausalLM
 
     config = dense_llama_config(hf_config)
@@ -129,7 +118,7 @@ def save_dense_hf_checkpoint(
         raise ConversionError("the router weights are not empty although every head is shared: "
                               "convert the state dict with the same config")
     model = _build_on_meta(LlamaForCausalLM, config, state)
-    return _write(model, Path(out_dir), tokenizer_model_path, max_shard_size)
+    return _write(model, Path(out_dir), tokenizer_model_path, max_shard_size, generation)
 
 
 # --------------------------------------------------------------------------------------------

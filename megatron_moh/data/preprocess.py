@@ -3,7 +3,9 @@
 `check_input_files` and `iter_documents` read ``.txt`` (one document per file, paragraph or line)
 and ``.jsonl`` (one per line); `preprocess_documents` tokenizes them, one sequence per document
 with the end-of-document id appended, into ``<prefix>.bin/.idx`` plus a ``<prefix>.meta.json``
-that names the tokenizer so training can check the pairing.
+that names the tokenizer so training can check the pairing. The tokenizer is a sentencepiece
+model or a Hugging Face tokenizer directory (`megatron_moh.tokenizer`); ids are stored with the
+dtype megatron's indexed dataset picks for the vocabulary (int32 from 65,500 ids on).
 
 Megatron is imported inside `preprocess_documents` only, so the tokenizer workers, which
 re-import this module, start without the ~8 s megatron import.
@@ -175,6 +177,7 @@ class PreprocessStats:
     eod: int | None
     vocab_size: int
     vocab_fingerprint: str
+    tokenizer_type: str
     tokenizer_model: str
     tokenizer_md5: str
     seconds: float
@@ -207,33 +210,37 @@ def preprocess_documents(
     output_prefix: str,
     tokenizer_model: str,
     *,
+    tokenizer_type: str | None = None,
     workers: int = 1,
     append_eod: bool = True,
     overwrite: bool = False,
     progress: bool = False,
     total: int | None = None,
 ) -> PreprocessStats:
-    """Tokenize `documents` into ``<output_prefix>.bin/.idx`` (one sequence per document).
+    """Tokenize `documents` into ``<output_prefix>.bin/.idx`` (one sequence per document) with the
+    tokenizer at `tokenizer_model` (a sentencepiece model or a Hugging Face tokenizer directory;
+    `tokenizer_type`, megatron's name for its kind, is checked against it when given).
 
-    The end-of-document id is appended to each document unless `append_eod` is False; empty
-    documents are skipped. Output order equals input order for any number of `workers`. Files
-    are written under temporary names and renamed at the end, so a crash never leaves a
-    half-written dataset behind.
+    Ids are exactly megatron's ``tokenizer.tokenize(document)`` (a Hugging Face tokenizer adds what
+    its post-processor adds, e.g. Llama-3's ``<|begin_of_text|>``), then the tokenizer's EOS
+    (megatron's ``eod``) unless `append_eod` is False; empty documents are skipped. Output order
+    equals input order for any number of `workers`. Files are written under temporary names and
+    renamed at the end, so a crash never leaves a half-written dataset behind.
     """
     check_output_prefix(output_prefix, overwrite)
-    tok.check_tokenizer_model(tokenizer_model)
+    tokenizer_type = tok.check_tokenizer_model(tokenizer_model, tokenizer_type)
     if workers < 1:
         raise DataError(f"workers={workers}; use 1 or more")
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     start = time.time()
-    processor = _sentencepiece(tokenizer_model)
-    vocab_size = processor.get_piece_size()
-    eod = processor.eos_id() if processor.eos_id() >= 0 else None
+    tokenizer = tok.load_tokenizer(tokenizer_model, tokenizer_type)
+    vocab_size = tokenizer.vocab_size
+    eod = tokenizer.eod
     if append_eod and eod is None:
         raise DataError(
-            f"{tokenizer_model} has no end-of-document (eos) piece; retrain it with "
-            "tools/train_tokenizer.py or pass --no-append-eod"
+            f"{tokenizer_model} has no end-of-document (eos) token; retrain it with "
+            "tools/train_tokenizer.py, give it an eos_token, or pass --no-append-eod"
         )
     dtype = DType.optimal_dtype(vocab_size)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
@@ -242,7 +249,7 @@ def preprocess_documents(
     max_id = -1
     try:
         builder = IndexedDatasetBuilder(f"{tmp_prefix}.bin", dtype=dtype)
-        with _encoder_pool(tokenizer_model, workers) as encode_all:
+        with _encoder_pool((tokenizer_type, tokenizer_model), workers) as encode_all:
             for ids in _progress(encode_all(documents), progress, total):
                 if ids is None:
                     skipped += 1
@@ -270,11 +277,10 @@ def preprocess_documents(
         max_token_id=max_id,
         eod=eod if append_eod else None,
         vocab_size=vocab_size,
-        vocab_fingerprint=tok.pieces_fingerprint(
-            processor.id_to_piece(i) for i in range(vocab_size)
-        ),
+        vocab_fingerprint=tok.vocab_fingerprint(tokenizer),
+        tokenizer_type=tokenizer_type,
         tokenizer_model=os.path.abspath(tokenizer_model),
-        tokenizer_md5=tok.file_md5(tokenizer_model),
+        tokenizer_md5=tok.tokenizer_digest(tokenizer_model),
         seconds=round(time.time() - start, 3),
     )
     tok.atomic_write(f"{output_prefix}{META_SUFFIX}", json.dumps(asdict(stats), indent=1).encode())
@@ -297,32 +303,37 @@ def _progress(items: Iterable[Any], enabled: bool, total: int | None) -> Iterabl
     return tqdm(items, total=total, unit="doc", dynamic_ncols=True)
 
 
-def _sentencepiece(model_path: str) -> Any:
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=model_path)
-
-
-# Workers encode with sentencepiece directly: megatron's SentencePieceTokenizer.tokenize is
-# exactly ``encode_as_ids`` under its default flags (legacy=False), and this keeps the ~8 s
-# megatron import out of every worker. tests/unit/test_data_tools.py checks the equality.
-_WORKER_PROCESSOR: Any = None
+# Workers encode with the tokenizer library directly, exactly as megatron's tokenizers do:
+# sentencepiece's ``encode_as_ids`` (megatron's SentencePieceTokenizer under its default flags,
+# legacy=False) or the Hugging Face tokenizer's ``__call__`` (megatron's HuggingFaceTokenizer with
+# special tokens included, its default). This keeps the ~8 s megatron import out of every worker;
+# tests/unit/test_data_tools.py checks the equality for both kinds.
+_WORKER_ENCODE: Callable[[list[str]], list[list[int]]] | None = None
 
 
-def _init_worker(model_path: str) -> None:
-    global _WORKER_PROCESSOR
-    _WORKER_PROCESSOR = _sentencepiece(model_path)
+def _init_worker(tokenizer: tuple[str, str]) -> None:
+    global _WORKER_ENCODE
+    tokenizer_type, path = tokenizer
+    if tokenizer_type == tok.HUGGINGFACE_TYPE:
+        from transformers import AutoTokenizer
 
+        hf = AutoTokenizer.from_pretrained(path)
+        _WORKER_ENCODE = lambda texts: hf(texts).input_ids  # noqa: E731 - batched in the Rust library
+    else:
+        import sentencepiece as spm
 
-def _encode(text: str) -> numpy.ndarray | None:
-    if not text.strip():
-        return None
-    ids = _WORKER_PROCESSOR.encode_as_ids(text)
-    return numpy.asarray(ids, dtype=numpy.int32) if ids else None
+        processor = spm.SentencePieceProcessor(model_file=path)
+        _WORKER_ENCODE = lambda texts: processor.encode_as_ids(texts)  # noqa: E731
 
 
 def _encode_batch(texts: list[str]) -> list[numpy.ndarray | None]:
-    return [_encode(text) for text in texts]
+    kept = [i for i, text in enumerate(texts) if text.strip()]
+    encoded = iter(_WORKER_ENCODE([texts[i] for i in kept]) if kept else [])
+    out: list[numpy.ndarray | None] = [None] * len(texts)
+    for i in kept:
+        ids = next(encoded)
+        out[i] = numpy.asarray(ids, dtype=numpy.int32) if ids else None
+    return out
 
 
 _BATCH = 64  # documents per worker task: amortises pickling without hurting streaming
@@ -330,9 +341,10 @@ _BATCH = 64  # documents per worker task: amortises pickling without hurting str
 
 @contextlib.contextmanager
 def _encoder_pool(
-    model_path: str, workers: int
+    tokenizer: tuple[str, str], workers: int
 ) -> Iterator[Callable[[Iterable[str]], Iterator[numpy.ndarray | None]]]:
-    """A function that encodes a document stream in order, in-process or on `workers` processes.
+    """A function that encodes a document stream in order, in-process or on `workers` processes;
+    `tokenizer` is ``(megatron tokenizer type, path)``.
 
     Workers are spawned, not forked: this process may hold torch/gloo threads, and the one
     forkserver per process may have been started, with its own preloads, by other code. A dead
@@ -340,14 +352,14 @@ def _encoder_pool(
     input of any size streams.
     """
     if workers == 1:
-        _init_worker(model_path)
-        yield lambda docs: map(_encode, docs)
+        _init_worker(tokenizer)
+        yield lambda docs: (ids for batch in _batched(docs, _BATCH) for ids in _encode_batch(batch))
         return
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     executor = ProcessPoolExecutor(
-        workers, multiprocessing.get_context("spawn"), _init_worker, (model_path,)
+        workers, multiprocessing.get_context("spawn"), _init_worker, (tokenizer,)
     )
 
     def encode_all(docs: Iterable[str]) -> Iterator[numpy.ndarray | None]:
