@@ -26,7 +26,7 @@ setup(
         "sentencepiece>=0.2",
         "tensorboard>=2.15",
         "safetensors>=0.4",
-        "transformers>=5.0",
+        "transformers>=5.17.0",
         "protobuf",
         "psutil",
         "numpy",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with Python 3.12 and install megatron-moh into it (editable).
 #   bash setup.sh          # the package: train, convert, benchmark
-#   bash setup.sh --test   # plus pytest and what the tests use
+#   bash setup.sh --test   # plus pytest and what the tests use (and the oldest supported transformers)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,4 +23,12 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".${extras}"
+if [[ -n "$extras" ]]; then
+  # The oldest transformers setup.py admits, beside the venv: the tests load exports with it too.
+  floor=$(sed -n 's/.*"transformers>=\([0-9.]*\)".*/\1/p' setup.py)
+  if [[ ! -d ".venv/transformers-floor/transformers-${floor}.dist-info" ]]; then
+    rm -rf .venv/transformers-floor
+    .venv/bin/python -m pip install --quiet --target .venv/transformers-floor "transformers==${floor}"
+  fi
+fi
 echo "setup.sh: ready: .venv/bin/python ($(.venv/bin/python -c 'import megatron.core, torch; print("torch", torch.__version__, "megatron-core", megatron.core.__version__)'))"

@@ -18,9 +18,9 @@ from megatron_moh.conversion.weights import megatron_to_hf
 from megatron_moh.model import build_gpt_model, llama_moh_config
 from megatron_moh.hf import MoHLlamaConfig, MoHLlamaForCausalLM
 from tests.helpers import tiny_config
-from tests.hf_support import VARIANTS, megatron_logits, run_offline
+from tests.hf_support import VARIANTS, megatron_logits, run_offline, transformers_floor
 
-VOCAB, MAX_SEQ, SEQ, BATCH = 128, 64, 12, 2
+VOCAB, MAX_SEQ, SEQ, BATCH = 384, 64, 12, 2  # the vocabulary of the sentencepiece tokenizer below
 TOL = dict(rtol=0, atol=1e-5)
 # A larger init than the default 0.02 so that routing and attention patterns are far from uniform
 # and a wrong gate shows up well above the tolerance.
@@ -31,11 +31,11 @@ LONG_CONTEXT = 16384  # above the 8192 original positions, as in the real models
 TOKENIZER_SAMPLES = ["Hello  world,\n\tthree   spaces 12345", "  def f(x):\n    return x  # ünïcödé"]
 
 LOADER = textwrap.dedent('''
-    import json, sys, torch
+    import json, sys, torch, transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
     job = json.load(open(sys.argv[1]))
     ids = torch.load(job["ids"])
-    results = {}
+    results = {"transformers": transformers.__version__}
     for name, spec in job["models"].items():
         per_impl = {}
         for impl in ("sdpa", "eager"):
@@ -63,7 +63,7 @@ def _train_sentencepiece(path):
     lines = [line for line in inspect.getsource(inspect).splitlines() if line.strip()]
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buffer, model_type="bpe", vocab_size=VOCAB * 3,
+        sentence_iterator=iter(lines), model_writer=buffer, model_type="bpe", vocab_size=VOCAB,
         byte_fallback=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
         normalization_rule_name="identity", split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
         eos_piece="</s>", num_threads=1, minloglevel=2,
@@ -143,7 +143,7 @@ def exported(tmp_path_factory):
 
     job = dict(ids=str(root / "ids.pt"), models=models, out=str(root / "results.pt"), texts=TOKENIZER_SAMPLES)
     results = run_offline(LOADER, job, root)
-    return dict(root=root, ids=ids, expected=expected, results=results, processor=processor, models=models)
+    return dict(root=root, ids=ids, expected=expected, results=results, processor=processor, models=models, job=job)
 
 
 def test_loader_process_never_imported_megatron(exported):
@@ -191,6 +191,23 @@ def test_exported_tokenizer_has_sentencepiece_ids(exported):
     assert result["token_ids"] == [processor.encode(s) for s in TOKENIZER_SAMPLES]
     assert result["decoded"] == TOKENIZER_SAMPLES
     assert result["special"] == [1, 2, 3, 2, 3]
+
+
+def test_exports_work_on_the_oldest_declared_transformers(exported, tmp_path):
+    """The same exports, loaded by the oldest transformers that setup.py admits (installed beside
+    the venv by setup.sh --test): the same logits, generations and tokenizer ids. Before 5.24,
+    transformers' own conversion of a bare sentencepiece model dropped its dummy-prefix piece."""
+    floor, path = transformers_floor()
+    results = run_offline(LOADER, {**exported["job"], "out": str(tmp_path / "floor.pt")}, tmp_path, pythonpath=path)
+    assert results["transformers"] == floor
+    first = next(iter(VARIANTS))
+    assert results[first]["token_ids"] == exported["results"][first]["token_ids"]
+    assert results[first]["decoded"] == TOKENIZER_SAMPLES
+    assert results[first]["special"] == [1, 2, 3, 2, 3]
+    assert torch.equal(results[first]["generated"], exported["results"][first]["generated"])
+    for name in exported["models"]:
+        for impl in ("sdpa", "eager"):
+            torch.testing.assert_close(results[name][impl], exported["expected"][name], **TOL)
 
 
 # --------------------------------------------------------------------------------------------
