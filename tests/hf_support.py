@@ -59,3 +59,39 @@ def transformers_floor() -> tuple[str, str]:
     found = list(TRANSFORMERS_FLOOR_DIR.glob(f"transformers-{floor}.dist-info"))
     assert found, f"transformers {floor} is not in {TRANSFORMERS_FLOOR_DIR}: run `bash setup.sh --test`"
     return floor, str(TRANSFORMERS_FLOOR_DIR)
+
+
+# Llama-3's special-token layout: 128,000 ordinary ids, then 256 special ones.
+LLAMA3_VOCAB, LLAMA3_BOS, LLAMA3_EOS, LLAMA3_EOT = 128256, 128000, 128001, 128009
+LLAMA3_CHAT_TEMPLATE = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{{ m['content'] }}" \
+    "<|eot_id|>{% endfor %}"
+
+
+def llama3_style_tokenizer(out_dir: Path, texts: list[str], merges: int = 400) -> Path:
+    """A Hugging Face tokenizer directory (tokenizer.json only) laid out as Llama-3's: byte-level BPE
+    (``merges`` learnt pieces, the rest of the first 128,000 ids unused), ``<|begin_of_text|>`` 128000
+    added first by the post-processor, ``<|end_of_text|>`` 128001 as EOS, ``<|eot_id|>`` 128009, and a
+    chat template. Small to train (a second) but with the real ids above 65,535."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=merges, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"<unused_{i}>": i for i in range(len(vocab), LLAMA3_BOS)})
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    special = [f"<|reserved_special_token_{i}|>" for i in range(LLAMA3_VOCAB - LLAMA3_BOS)]
+    special[0], special[1], special[LLAMA3_EOT - LLAMA3_BOS] = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
+    tokenizer.add_special_tokens(special)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", LLAMA3_BOS)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>",
+                                   eos_token="<|end_of_text|>")
+    fast.chat_template = LLAMA3_CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return out_dir

@@ -23,6 +23,7 @@ import torch
 from megatron_moh.checkpoint import RELEASE, TRACKER, CheckpointError, effective_arg, read_checkpoint_args
 from megatron_moh.conversion import ConversionError, hf_generation
 from megatron_moh.conversion.hf_configs import dense_llama_config, megatron_config_kwargs, moh_hf_config
+from megatron_moh.conversion.hf_tokenizer import load_export_tokenizer
 from megatron_moh.conversion.hf_files import (
     import_hf_checkpoint,
     load_hf_config,
@@ -157,7 +158,9 @@ def export_hf(
             rope_scaling_factor=saved.rope_scaling_factor if getattr(saved, "use_rope_scaling", False) else None)
         if dense:
             dense_llama_config(hf_config)
-    except ConversionError as err:
+        if tokenizer is not None:  # checked now, before any weight is read
+            load_export_tokenizer(tokenizer, saved.padded_vocab_size)
+    except (ConversionError, TokenizerError) as err:
         raise CheckpointError(str(err)) from None
     with single_process_group():
         model, saved = load_model(load_dir)

@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from megatron_moh.conversion import ConversionError
-from megatron_moh.tokenizer import HUGGINGFACE_TYPE, tokenizer_type_of
+from megatron_moh.tokenizer import HUGGINGFACE_TYPE, check_tokenizer_model, tokenizer_type_of
 
 # Texts on which an exported sentencepiece tokenizer must give sentencepiece's ids: runs of
 # spaces at the start, middle and end, tabs and newlines, digits, accents, CJK, an emoji (bytes).
@@ -31,6 +31,7 @@ def load_export_tokenizer(path: str, padded_vocab_size: int) -> Any:
     embedding rows: ``path`` is a sentencepiece model or a Hugging Face tokenizer directory."""
     from transformers import AutoTokenizer
 
+    check_tokenizer_model(path)
     if tokenizer_type_of(path) == HUGGINGFACE_TYPE:
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:

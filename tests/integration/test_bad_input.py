@@ -16,6 +16,7 @@ import pytest
 
 from megatron_moh import tokenizer as tk
 from megatron_moh.data import corpus, preprocess
+from tests.hf_support import llama3_style_tokenizer
 from tests.integration.checkpoint_runner import run_worker
 from tests.launcher import launch
 
@@ -88,6 +89,15 @@ def cases(r: Path) -> list[tuple[str, str, list[str], int, list[str]]]:
          1, [f"{r}/notsp.model is not a sentencepiece model"]),
         ("missing-tokenizer", PRETRAIN, [*MODEL, "--data-path", f"{d}/good", "--tokenizer-model", f"{r}/none.model"],
          1, [f"tokenizer model {r}/none.model not found"]),
+        ("hf-tokenizer-type", PRETRAIN, [*MODEL, "--data-path", f"{d}/good", "--tokenizer-type",
+                                         "HuggingFaceTokenizer", "--tokenizer-model", tok], 1,
+         [f"{tok} is a sentencepiece model file but --tokenizer-type is HuggingFaceTokenizer"]),
+        ("hf-tokenizer-neither", PRETRAIN, [*MODEL, "--data-path", f"{d}/good", "--tokenizer-type",
+                                            "HuggingFaceTokenizer", "--tokenizer-model", f"{r}/empty"], 1,
+         [f"{r}/empty is a directory holding neither tokenizer.json nor a sentencepiece .model"]),
+        ("hf-data-other-tokenizer", PRETRAIN, [*MODEL, "--data-path", f"{d}/good", "--tokenizer-type",
+                                               "HuggingFaceTokenizer", "--tokenizer-model", f"{r}/hf-tok"], 1,
+         [f"{d}/good was tokenized with a different tokenizer"]),
         ("vocab-mismatch", PRETRAIN, [*MODEL, "--data-path", f"{d}/good", "--tokenizer-type", "NullTokenizer",
                                       "--vocab-size", "100"], 1, ["vocabulary size mismatch"]),
         # pretrain_moh.py: --load
@@ -111,6 +121,9 @@ def cases(r: Path) -> list[tuple[str, str, list[str], int, list[str]]]:
          ["only a dense model exports as plain Llama"]),
         ("export-tokenizer", CONVERT, ["export-hf", "--load", ck, "--out", f"{r}/hf", "--tokenizer-model",
                                        f"{r}/none.model"], 1, ["--tokenizer-model", "does not exist"]),
+        ("export-tokenizer-too-big", CONVERT, ["export-hf", "--load", ck, "--out", f"{r}/hf", "--tokenizer-model",
+                                               f"{r}/hf-tok"], 1,
+         ["has 128256 ids but the model's vocabulary has 512"]),
         ("import-missing", CONVERT, ["import-hf", "--hf", f"{r}/nowhere", "--out", f"{r}/mg", "--layout", "dense"], 1,
          ["config.json does not exist"]),
         ("import-no-config", CONVERT, ["import-hf", "--hf", f"{r}/empty", "--out", f"{r}/mg", "--layout", "dense"],
@@ -132,6 +145,13 @@ def cases(r: Path) -> list[tuple[str, str, list[str], int, list[str]]]:
         ("preprocess-tokenizer", PREPROCESS, ["--input", f"{r}/doc.txt", "--output-prefix", f"{r}/new/x",
                                               "--tokenizer-model", f"{r}/notsp.model"], 2,
          ["is not a sentencepiece model"]),
+        ("preprocess-hf-neither", PREPROCESS, ["--input", f"{r}/doc.txt", "--output-prefix", f"{r}/new/x",
+                                               "--tokenizer-model", f"{r}/empty"], 2,
+         ["holding neither tokenizer.json"]),
+        ("preprocess-hf-type", PREPROCESS, ["--input", f"{r}/doc.txt", "--output-prefix", f"{r}/new/x",
+                                            "--tokenizer-model", f"{r}/hf-tok", "--tokenizer-type",
+                                            "GPTSentencePieceTokenizer"], 2,
+         ["is a Hugging Face tokenizer directory but --tokenizer-type is GPTSentencePieceTokenizer"]),
         ("preprocess-under-file", PREPROCESS, ["--input", f"{r}/doc.txt", "--output-prefix", f"{r}/afile/x",
                                                "--tokenizer-model", tok], 2, ["is a file"]),
         ("preprocess-workers", PREPROCESS, ["--input", f"{r}/doc.txt", "--output-prefix", f"{r}/new/x",
@@ -157,6 +177,7 @@ def root(tmp_path_factory):
     r = tmp_path_factory.mktemp("bad-input")
     docs = list(corpus.builtin_corpus_text())[:300]
     tk.train_tokenizer(docs, str(r / "tok"), 512)
+    llama3_style_tokenizer(r / "hf-tok", docs)
     (r / "doc.txt").write_text("\n\n".join(docs[:20]))
     (r / "doc.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs[:20]))
     (r / "binary.txt").write_bytes(bytes(range(256)) * 64)

@@ -24,6 +24,7 @@ import torch
 from megatron_moh import tokenizer as tk
 from megatron_moh.commands import preprocess_data, train_tokenizer
 from megatron_moh.data import corpus, datasets, preprocess, validation
+from tests.hf_support import LLAMA3_BOS, LLAMA3_EOS, LLAMA3_VOCAB, llama3_style_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 ROUND_TRIP_TEXTS = [
@@ -258,6 +259,93 @@ def test_preprocess_cli_rejects_bad_input_before_work(jsonl_input, model_400, tm
     assert Path(f"{out}.bin").read_bytes() == before
     assert not list(tmp_path.glob("new*")) and not list(tmp_path.glob("*.tmp-*"))
     assert preprocess_data.main(argv(prefix=out) + ["--overwrite"]) == 0
+
+
+# --- Hugging Face tokenizer directories -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tmp_path_factory, small_docs) -> str:
+    """A Llama-3-style tokenizer.json directory (ids up to 128,255; BOS 128000, EOS 128001)."""
+    return str(llama3_style_tokenizer(tmp_path_factory.mktemp("hf-tok"), small_docs))
+
+
+def test_huggingface_tokenizer_is_the_one_training_builds(hf_tok, small_docs):
+    """`load_tokenizer(dir)` is what pretrain_moh.py builds for --tokenizer-type HuggingFaceTokenizer, and the
+    preprocessing workers' direct use of the library gives its ids."""
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+
+    from megatron_moh.arguments import parse_megatron_args
+
+    ours = tk.load_tokenizer(hf_tok)
+    args = parse_megatron_args(["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_tok],
+                               validate=False)
+    args.rank, args.tensor_model_parallel_size = 0, 1
+    training = build_tokenizer(args)
+    assert (ours.vocab_size, ours.eod, ours.bos) == (training.vocab_size, training.eod, training.bos) == (
+        LLAMA3_VOCAB, LLAMA3_EOS, LLAMA3_BOS)
+    assert tk.vocab_fingerprint(ours) == tk.vocab_fingerprint(training)
+    texts = [*small_docs[:20], *ROUND_TRIP_TEXTS[:-1], "an end <|end_of_text|> inside"]
+    preprocess._init_worker((tk.HUGGINGFACE_TYPE, hf_tok))
+    direct = preprocess._encode_batch(texts)
+    for text, ids in zip(texts, direct):
+        assert ours.tokenize(text) == training.tokenize(text) == ids.tolist()
+        assert ids[0] == LLAMA3_BOS  # Llama-3's post-processor starts every document
+    assert ours.tokenize("an end <|end_of_text|> inside").count(LLAMA3_EOS) == 1  # special token text is one id
+
+
+def test_preprocess_with_a_huggingface_tokenizer(hf_tok, jsonl_input, model_400, small_docs, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    path, docs = jsonl_input
+    prefix = tmp_path / "hf" / "docs"
+    argv = ["--input", str(path), "--output-prefix", str(prefix), "--tokenizer-model", hf_tok, "--no-progress"]
+    assert preprocess_data.main([*argv, "--workers", "2"]) == 0
+    tokenizer = tk.load_tokenizer(hf_tok)
+    dataset = IndexedDataset(str(prefix))
+    assert dataset[0].dtype == numpy.int32  # megatron's choice for 128,256 ids; uint16 would wrap 128000
+    for i, doc in enumerate(docs):
+        assert dataset[i].tolist() == [*tokenizer.tokenize(doc), LLAMA3_EOS]
+    meta = validation.read_meta(str(prefix))
+    assert (meta["tokenizer_type"], meta["eod"], meta["max_token_id"]) == ("HuggingFaceTokenizer", LLAMA3_EOS,
+                                                                           LLAMA3_EOS)
+    one = tmp_path / "one"
+    assert preprocess_data.main([*argv[:3], str(one), *argv[4:], "--workers", "1"]) == 0
+    assert Path(f"{one}.bin").read_bytes() == Path(f"{prefix}.bin").read_bytes()
+    validation.validate_data([str(prefix)], tokenizer)
+    other = llama3_style_tokenizer(tmp_path / "other-tok", small_docs, merges=300)
+    with pytest.raises(validation.DataError, match="was tokenized with a different tokenizer"):
+        validation.validate_data([str(prefix)], tk.load_tokenizer(str(other)))
+    with pytest.raises(validation.DataError, match="holds token id 128001 but the tokenizer/model vocabulary"):
+        validation.validate_data([str(prefix)], tk.load_tokenizer(model_400))
+
+
+def test_huggingface_tokenizer_refusals_are_one_line(hf_tok, jsonl_input, model_400, tmp_path, capsys):
+    path, _ = jsonl_input
+    neither = tmp_path / "neither"
+    neither.mkdir()
+    (neither / "config.json").write_text("{}")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json")
+
+    def argv(model, *extra):
+        return ["--input", str(path), "--output-prefix", str(tmp_path / "out" / "x"), "--tokenizer-model",
+                str(model), "--no-progress", *extra]
+
+    cases = {
+        f"{neither} is a directory holding neither tokenizer.json nor a sentencepiece .model": argv(neither),
+        f"{broken} does not load as a Hugging Face tokenizer": argv(broken),
+        f"{hf_tok} is a Hugging Face tokenizer directory but --tokenizer-type is GPTSentencePieceTokenizer: pass "
+        "--tokenizer-type HuggingFaceTokenizer": argv(hf_tok, "--tokenizer-type", "GPTSentencePieceTokenizer"),
+        f"{model_400} is a sentencepiece model file but --tokenizer-type is HuggingFaceTokenizer":
+            argv(model_400, "--tokenizer-type", "HuggingFaceTokenizer"),
+    }
+    for needle, args in cases.items():
+        assert _exit_code(preprocess_data.main, args) == 2, needle
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_tokenizer_cli(jsonl_input, tmp_path, capsys):
