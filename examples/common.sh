@@ -4,7 +4,9 @@
 source "$(dirname "${BASH_SOURCE[0]}")/models/${MODEL}.sh"
 
 DATA_PATH=${DATA_PATH:?set DATA_PATH to a preprocessed prefix (tools/preprocess_data.py) or a blend \"0.7 a 0.3 b\"}
-TOKENIZER_MODEL=${TOKENIZER_MODEL:?set TOKENIZER_MODEL to the sentencepiece model (tools/train_tokenizer.py)}
+TOKENIZER_MODEL=${TOKENIZER_MODEL:?set TOKENIZER_MODEL to the sentencepiece model (tools/train_tokenizer.py) or a Hugging Face tokenizer directory}
+# megatron's name for the tokenizer's kind: a directory is a Hugging Face tokenizer
+TOKENIZER_TYPE=${TOKENIZER_TYPE:-$([[ -d "$TOKENIZER_MODEL" ]] && echo HuggingFaceTokenizer || echo GPTSentencePieceTokenizer)}
 RUN_DIR=${RUN_DIR:-runs/${MODEL}}
 TP=${TP:-1}
 PP=${PP:-1}
@@ -24,7 +26,7 @@ TRAIN_ARGS=(
   --lr-decay-style cosine --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
   $PRECISION
   --data-path $DATA_PATH --split 989,10,1
-  --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
+  --tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL"
   --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints" --save-interval "$SAVE_INTERVAL" --ckpt-format torch_dist
   --eval-interval "$EVAL_INTERVAL" --eval-iters 20 --log-interval "$LOG_INTERVAL"
   --tensorboard-dir "$RUN_DIR/tensorboard" --log-timers-to-tensorboard  # iteration time, TFLOP/s: tools/compare_runs.py

@@ -180,24 +180,30 @@ def check_load(args: argparse.Namespace) -> None:
     """Raise CheckpointError (one line) if ``args.load`` cannot be loaded by this run.
 
     A ``--load`` directory with no checkpoint is fine only when it is also the ``--save``
-    directory (the first launch of an auto-resuming job); anywhere else megatron would silently
-    start from random weights. Also installs megatron_moh.patches.checkpointing.
+    directory (the first launch of an auto-resuming job), or when ``--pretrained-checkpoint``
+    names one (megatron fine-tunes from it, which is checked instead); anywhere else megatron
+    would silently start from random weights. Also installs megatron_moh.patches.checkpointing.
     """
     checkpointing.install()
     load = getattr(args, "load", None)
     if load is None:
         return
     save = getattr(args, "save", None)
+    pretrained = getattr(args, "pretrained_checkpoint", None)
     auto_resume = save is not None and Path(save).resolve() == Path(load).resolve()
-    if auto_resume and not (Path(load) / TRACKER).exists():
+    if auto_resume and not (Path(load) / TRACKER).exists() and pretrained is None:
         return
+    from_pretrained = False
     try:
         which, path = find_checkpoint(load)
     except CheckpointError as err:
-        pretrained = getattr(args, "pretrained_checkpoint", None)
         if pretrained is None:
             raise CheckpointError(f"--load {err}") from None
-        which, path = find_checkpoint(pretrained)
+        try:  # megatron then fine-tunes from it
+            which, path = find_checkpoint(pretrained)
+        except CheckpointError as err:
+            raise CheckpointError(f"--pretrained-checkpoint {err}") from None
+        from_pretrained = True
     step = getattr(args, "ckpt_step", None)
     if step:  # megatron loads this iteration instead of the tracker's
         which, path = step, path.parent / f"iter_{step:07d}"
@@ -207,7 +213,7 @@ def check_load(args: argparse.Namespace) -> None:
     if saved is None:
         return
     problems = compare_model_args(saved, args)
-    finetune = getattr(args, "finetune", False) or which == RELEASE
+    finetune = getattr(args, "finetune", False) or from_pretrained or which == RELEASE
     saved_tokenizer = _file_digest(getattr(saved, "tokenizer_model", None))
     current_tokenizer = _file_digest(getattr(args, "tokenizer_model", None))
     if saved_tokenizer and current_tokenizer and saved_tokenizer != current_tokenizer:

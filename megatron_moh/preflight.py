@@ -227,7 +227,7 @@ def check_args(args: argparse.Namespace) -> None:
             validate_data(args.data_path, tokenizer, split=args.split)
         check_load(args)
         if int(os.environ.get("RANK", "0")) == 0:
-            hf_generation.carry(args.load or args.pretrained_checkpoint, args.save)
+            hf_generation.carry([args.load, args.pretrained_checkpoint], args.save)
     except (MoHConfigError, DataError, TransformerEngineMissing, CheckpointError, ConversionError) as err:
         raise SystemExit(f"{PROG}: error: {err}") from None
 

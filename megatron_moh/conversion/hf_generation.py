@@ -69,17 +69,19 @@ def read(checkpoint_dir: str | os.PathLike) -> dict[str, Any] | None:
     return _read_json(Path(checkpoint_dir) / HF_GENERATION)
 
 
-def carry(load_dir: str | os.PathLike | None, save_dir: str | os.PathLike | None) -> None:
-    """Copy the settings of the checkpoint a run starts from into its ``--save`` directory, so an
-    export of what the run saves writes them too. A save directory that already carries other
-    settings is refused (ConversionError): it belongs to another model."""
-    if not load_dir or not save_dir or not (Path(load_dir) / HF_GENERATION).is_file():
+def carry(sources: list[str | os.PathLike | None], save_dir: str | os.PathLike | None) -> None:
+    """Copy the settings of the checkpoint a run starts from (the first of ``sources``, its
+    ``--load`` and ``--pretrained-checkpoint``, that carries them) into its ``--save`` directory,
+    so an export of what the run saves writes them too. A save directory that already carries
+    other settings is refused (ConversionError): it belongs to another model."""
+    source = next((Path(s) / HF_GENERATION for s in sources if s and (Path(s) / HF_GENERATION).is_file()), None)
+    if source is None or not save_dir:
         return
-    source, target = Path(load_dir) / HF_GENERATION, Path(save_dir) / HF_GENERATION
+    target = Path(save_dir) / HF_GENERATION
     if source.resolve() == target.resolve():
         return
     if target.is_file():
-        if read(save_dir) != read(load_dir):
+        if read(save_dir) != read(source.parent):
             raise ConversionError(f"{target} holds the generation settings of another model than {source}: this "
                                   f"--save directory belongs to another run; choose a new --save directory")
         return

@@ -17,7 +17,7 @@ SCRIPTS = ["examples/single_node.sh", "examples/slurm/pretrain_moh.sbatch"]
 
 def _flags(script: str, model: str, **env) -> list[str]:
     environment = dict(os.environ, DRY_RUN="1", MODEL=model, DATA_PATH="0.7 /data/a 0.3 /data/b",
-                       TOKENIZER_MODEL="/data/tok.model", NPROC="8", **env)
+                       TOKENIZER_MODEL="/data/tok.model", NPROC="8", IMPORT_DIR="/data/import", **env)
     out = subprocess.run(["bash", str(ROOT / script)], env=environment, capture_output=True, text=True,
                          check=True)
     return out.stdout.splitlines()
@@ -85,3 +85,91 @@ def test_compare_moh_dense_trains_three_layouts_alike(env):
                          if not k.startswith("moh_") and k not in ("save", "load", "tensorboard_dir")})
     assert active == {"dense": 1.0, "moh75": 0.75, "moh50": 0.5}
     assert settings[1] == settings[0] and settings[2] == settings[0]  # same seed, data, token budget, recipe
+
+
+# --- examples/continue_tune: Llama-3-8B into MoH ----------------------------------------------
+
+CONTINUE = "examples/continue_tune/llama3_8b.sh"
+# Meta's config.json for Meta-Llama-3-8B (the fields that shape the model).
+LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
+                 intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                 max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000,
+                 eos_token_id=128001, tie_word_embeddings=False, hidden_act="silu", torch_dtype="bfloat16")
+
+
+def _continue_tune(step: str, hf_model: Path, **env) -> list[str]:
+    environment = {k: v for k, v in os.environ.items() if k not in ("MODEL", "DATA_PATH", "TOKENIZER_MODEL")}
+    out = subprocess.run(["bash", str(ROOT / CONTINUE), step], env=dict(environment, DRY_RUN="1",
+                         HF_MODEL=str(hf_model), TEXT="/data/a.jsonl /data/b.jsonl", WORK="/w", **env),
+                         capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+@pytest.mark.parametrize("nodes", [1, 4])
+def test_continue_tune_flags_build_the_model_import_hf_writes(tmp_path, nodes):
+    """The train step's flags (DRY_RUN) describe exactly the checkpoint `import` writes for Meta-Llama-3-8B in
+    the published layout, so its --pretrained-checkpoint loads: every field --load compares, RoPE, context."""
+    import json
+
+    import torch
+    from transformers import AutoConfig
+
+    from megatron_moh.checkpoint import compare_model_args
+    from megatron_moh.conversion.hf_checkpoint import _import_args
+    from megatron_moh.conversion.hf_configs import megatron_config_kwargs, megatron_model_kwargs
+
+    hf_dir = tmp_path / "Meta-Llama-3-8B"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
+    hf_config = AutoConfig.from_pretrained(hf_dir)
+    imported = _import_args(hf_config, megatron_config_kwargs(hf_config, "published"), megatron_model_kwargs(hf_config),
+                            hf_dir, 2, 1, 128, torch.bfloat16)
+    flags = _continue_tune("train", hf_dir, NODES=str(nodes))
+    args = parse_megatron_args(flags, validate=False)
+    args.padded_vocab_size = 128256  # 128,256 is a multiple of 128 x TP
+    resolve_moh_defaults(args)
+    check_moh_config(args)
+    assert compare_model_args(imported, args) == []
+    same = ("rotary_base", "max_position_embeddings", "norm_epsilon", "make_vocab_size_divisible_by",
+            "tensor_model_parallel_size", "pipeline_model_parallel_size", "bf16")
+    assert {k: getattr(args, k) for k in same} == {k: getattr(imported, k) for k in same}
+    assert (args.moh_num_shared_heads, args.moh_topk, args.moh_router) == (16, 8, "query_norm")  # 75% active
+    assert args.pretrained_checkpoint == "/w/import" and args.load == args.save == "/w/run/checkpoints"
+    assert (args.tokenizer_type, args.tokenizer_model) == ("HuggingFaceTokenizer", str(hf_dir))
+    assert args.data_path == ["/w/data/text_document"] and args.seq_length == 8192
+    assert args.sequence_parallel and args.use_distributed_optimizer and args.recompute_granularity == "selective"
+    assert args.micro_batch_size == (1 if nodes == 1 else 2)
+    assert args.train_iters * args.global_batch_size * args.seq_length <= 10**10  # the 10B-token budget
+    assert (args.train_iters + 1) * args.global_batch_size * args.seq_length > 10**10
+
+
+def test_continue_tune_steps_run_the_project_tools(tmp_path):
+    """Each other step is one of the project's commands with the right paths (DRY_RUN prints it)."""
+    hf_dir = tmp_path / "llama"
+    hf_dir.mkdir()
+    [imported] = _continue_tune("import", hf_dir)
+    assert imported.split() == [".venv/bin/python", "tools/convert_checkpoint.py", "import-hf", "--hf", str(hf_dir),
+                                "--out", "/w/import", "--layout", "published", "--tensor-model-parallel-size", "2",
+                                "--pipeline-model-parallel-size", "1", "--dtype", "bf16"]
+    [data] = _continue_tune("data", hf_dir)
+    assert data.split()[1:] == ["tools/preprocess_data.py", "--input", "/data/a.jsonl", "/data/b.jsonl",
+                                "--output-prefix", "/w/data/text_document", "--tokenizer-model", str(hf_dir),
+                                "--workers", "16"]
+    [exported] = _continue_tune("export", hf_dir)
+    assert exported.split()[1:] == ["tools/convert_checkpoint.py", "export-hf", "--load", "/w/run/checkpoints",
+                                    "--out", "/w/hf"]
+    [evaluated] = _continue_tune("eval", hf_dir)
+    assert "pretrained=/w/hf,trust_remote_code=True,dtype=bfloat16" in evaluated
+
+
+def test_continue_tune_memory_plan_is_computed_for_the_layout(tmp_path):
+    """STEP=plan prints megatron's theoretical memory for the chosen layout (and neighbours): the one-node
+    layout fits an 80 GB GPU with headroom, TP=1 does not."""
+    hf_dir = tmp_path / "llama"
+    hf_dir.mkdir()
+    lines = _continue_tune("plan", hf_dir)
+    assert lines[0].startswith("computed, not measured")
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|"))[:4]: line for line in lines if line[:3] == "| 1"
+            or line[:3] == "| 2" or line[:3] == "| 4"}
+    assert rows[("2", "1", "4", "1")].endswith("| yes (this run) |")
+    assert rows[("1", "1", "8", "1")].endswith("| no |")
