@@ -20,7 +20,8 @@ import sys
 GIB = 1024**3
 
 
-def per_gpu_bytes(flags: list[str], tp: int, pp: int, micro_batch: int, gpus: int, vocab_size: int) -> tuple[float, ...]:
+def per_gpu_bytes(flags: list[str], tp: int, pp: int, micro_batch: int, gpus: int,
+                  vocab_size: int) -> tuple[float, float]:
     """(weights + gradients + optimizer state, activations) in bytes on the busiest GPU."""
     from megatron.training import theoretical_memory_usage as memory
     from megatron.training.arguments import validate_args
