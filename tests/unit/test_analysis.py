@@ -11,10 +11,11 @@ import torch
 
 from megatron_moh.analysis import runs
 from megatron_moh.analysis.heads import RoutingRecorder, analyze
-from megatron_moh.analysis.sources import TokenSample, TokenSource
+from megatron_moh.analysis.sources import TokenSample, TokenSource, checkpoint_tokenizer, draw_tokens
+from megatron_moh.data.validation import DataError
 from megatron_moh.model import build_gpt_model
 from tests.helpers import tiny_config
-from tests.hf_support import VARIANTS
+from tests.hf_support import LLAMA3_VOCAB, VARIANTS, llama3_style_tokenizer
 from tests.routing_reference import assert_stats_match, reference_stats, sequence_batches
 
 VOCAB, SEQ = 128, 32
@@ -101,3 +102,27 @@ def test_run_labels(tmp_path):
     with pytest.raises(runs.RunError) as twice:
         runs.parse_runs([f"x={a}", f"x={b}"])
     assert str(twice.value) == "two runs are labelled 'x'; name them NAME=RUN_DIR"
+
+
+def test_text_sources_with_a_huggingface_tokenizer(tmp_path):
+    """A run trained with a Hugging Face tokenizer directory: text is tokenized as preprocess_data.py does
+    (megatron's tokenize, then the EOS), and a tokenizer that does not fit the vocabulary is refused."""
+    import argparse
+    import json
+
+    texts = ["Return the number of items.", "Raise an error if the value is invalid.", "Join two paths."]
+    directory = llama3_style_tokenizer(tmp_path / "tok", texts * 10)
+    saved = argparse.Namespace(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(directory),
+                               make_vocab_size_divisible_by=128, tensor_model_parallel_size=1,
+                               padded_vocab_size=LLAMA3_VOCAB)
+    tokenizer = checkpoint_tokenizer(saved, None, needed=True)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    sample = draw_tokens(TokenSource("docs", str(source)), 10_000, tokenizer=tokenizer, vocab_size=LLAMA3_VOCAB,
+                         seed=0)
+    expected = [i for d in sample.documents for i in [*tokenizer.tokenize(texts[d]), tokenizer.eod]]
+    assert sorted(sample.documents) == [0, 1, 2] and sample.tokens.tolist() == expected
+    assert max(expected) == tokenizer.eod == 128001
+    small = argparse.Namespace(**{**vars(saved), "padded_vocab_size": 1024})
+    with pytest.raises(DataError, match=f"has {LLAMA3_VOCAB} pieces .* but the checkpoint's vocabulary is 1024"):
+        checkpoint_tokenizer(small, None, needed=True)
