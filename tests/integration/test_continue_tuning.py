@@ -94,6 +94,30 @@ def test_special_tokens_and_generation_settings_travel(llama3, tmp_path, with_to
         assert (exported / "chat_template.jinja").read_text() == LLAMA3_CHAT_TEMPLATE
 
 
+def test_a_tokenizer_smaller_than_the_vocabulary_trains_with_the_checkpoint(tmp_path):
+    """Qwen2 ships 151,665 tokenizer ids for 151,936 embedding rows; megatron pads the tokenizer's size, so the
+    import picks a --make-vocab-size-divisible-by (a multiple of the requested 128) at which both pad alike."""
+    from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    directory = tmp_path / "qwen2"
+    llama3_style_tokenizer(directory, [" ".join(WORDS)] * 20)
+    vocab = LLAMA3_VOCAB + 300  # rows no id reaches, as in Qwen2
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+                                 use_sliding_window=False)).save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)  # as training reads it: the class config.json names
+    assert tool("import-hf", "--hf", directory, "--out", tmp_path / "ckpt", "--layout", "dense",
+                "--tensor-model-parallel-size", "2") is None
+    args = checkpoint.read_checkpoint_args(tmp_path / "ckpt")
+    divisor = args.make_vocab_size_divisible_by
+    assert divisor % 128 == 0 and divisor > 128 and args.padded_vocab_size >= vocab
+    assert vocab_size_with_padding(len(tokenizer), args, logging_enabled=False) == args.padded_vocab_size
+    flags = finetune_flags(args)
+    assert flags[flags.index("--make-vocab-size-divisible-by") + 1] == str(divisor)
+
+
 GENERATE = textwrap.dedent('''
     import json, sys, torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
