@@ -108,7 +108,7 @@ def _save_config(model: torch.nn.Module, out_dir: Path) -> None:
     model.generation_config.save_pretrained(out_dir)
 
 
-def _write_weights(out_dir: Path, specs: dict[str, Tensor], produce: Callable[[str], Tensor],
+def write_weights(out_dir: Path, specs: dict[str, Tensor], produce: Callable[[str], Tensor],
                    max_shard_size: int | str, parameters: int) -> None:
     """The safetensors shards (split where transformers splits them) and, if more than one, their
     index as transformers writes it; each tensor is asked for as its turn comes."""
@@ -163,7 +163,7 @@ def write_hf_checkpoint(
     _save_config(model, out_dir)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     weights = {name: _meta(tensor) for name, tensor in model.state_dict().items() if name not in tied}
-    _write_weights(out_dir, weights, produce, max_shard_size, model.num_parameters())
+    write_weights(out_dir, weights, produce, max_shard_size, model.num_parameters())
     if not dense:
         # custom_object_save copies the files of the classes registered above; make sure both are
         # there even if the classes were loaded from elsewhere (e.g. transformers' remote-code cache).

@@ -6,8 +6,9 @@ Both work from the sharded state dict of a model on the meta device (`whole_mode
 memory. The save is megatron's (`dist_checkpointing.save`: common state, content metadata,
 metadata.json) with the sharded part written by torch's `FileSystemWriter` with one thread, which
 resolves one write item, writes it and drops it before the next (megatron's own writer resolves all
-of them first). Items come in the state dict's order, so the pieces megatron's SwiGLU factory cuts
-one ``linear_fc1`` into come one after the other and the tensor is made once.
+of them first), one file per checkpoint key. Items come in the state dict's order, so the pieces
+megatron's SwiGLU factory cuts one ``linear_fc1`` into come one after the other and the tensor is
+made once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from queue import Queue
 from typing import Any
 
 import torch
@@ -82,6 +84,19 @@ def _producing_strategy(pieces: _Pieces) -> Any:
         @property
         def checkpoint_id(self) -> str:  # pickled into .metadata: a str, as megatron's writer stores it
             return str(self.path)
+
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            """One file per checkpoint key (the objects in the first): torch's writer keeps the last
+            tensor it wrote of each key until its file is done, which in one file would hold the
+            embedding, the output layer and one of each layer's tensors to the end."""
+            files: dict[str, list] = {}
+            for item in plan.items:
+                files.setdefault("" if item.type == WriteItemType.BYTE_IO else item.index.fqn, []).append(item)
+            queue: Queue = Queue()
+            for i, items in enumerate(files.values()):
+                name = f"{plan.storage_data.prefix}{i}.distcp"
+                queue.put((self.fs.concat_path(self.path, name), name, items))
+            return self._write_data(planner, queue)
 
     class Strategy(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict: dict, checkpoint_dir: Path) -> None:
