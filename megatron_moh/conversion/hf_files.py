@@ -322,6 +322,9 @@ def plan_hf_import(
         def read(name: str) -> Tensor:
             return read_tensor(infos[name])
 
+    for name, spec in specs.items():
+        if not spec.is_floating_point():
+            raise ConversionError(f"{name!r} is {spec.dtype}: only floating-point weights convert")
     routers = _zero_routers(hf_config, config_kwargs, specs)
     megatron = hf_to_megatron({**specs, **routers}, hf_config, backend=backend)
     maps = {name: m for m in tensor_maps(hf_config, backend) if m.megatron in megatron for name in m.names}
