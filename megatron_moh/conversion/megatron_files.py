@@ -86,9 +86,10 @@ def _producing_strategy(pieces: _Pieces) -> Any:
             return str(self.path)
 
         def write_data(self, plan: Any, planner: Any) -> Any:
-            """One file per checkpoint key (the objects in the first): torch's writer keeps the last
-            tensor it wrote of each key until its file is done, which in one file would hold the
-            embedding, the output layer and one of each layer's tensors to the end."""
+            """One file per checkpoint key (the objects in the first), then torch's own write path:
+            torch's writer keeps the last tensor it wrote of each key until its file is done, which in
+            one file would hold the embedding, the output layer and one of each layer's tensors to the
+            end."""
             files: dict[str, list] = {}
             for item in plan.items:
                 files.setdefault("" if item.type == WriteItemType.BYTE_IO else item.index.fqn, []).append(item)
@@ -119,7 +120,7 @@ def save_produced(state: dict[str, Any], checkpoint_dir: str | os.PathLike, prod
     dist_checkpointing.save(state, str(checkpoint_dir), sharded_strategy=strategy, content_metadata=content_metadata)
 
 
-def _pieces(sharded: dict[str, Any]) -> Iterable[tuple[str, Any]]:
+def _sharded_tensors(sharded: dict[str, Any]) -> Iterable[tuple[str, Any]]:
     """(state-dict name, ShardedTensor) of each tensor or factory piece, on whatever device."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
@@ -136,7 +137,7 @@ def check_holds(path: Path, sharded: dict[str, Any]) -> None:
     from megatron.core import dist_checkpointing
 
     stored = dist_checkpointing.load_tensors_metadata(str(path))
-    for name, piece in _pieces(sharded):
+    for name, piece in _sharded_tensors(sharded):
         found = stored.get(piece.key)
         if found is None:
             raise CheckpointError(f"{path} has no {piece.key} (for {name}): it does not hold the model its own "
@@ -161,8 +162,8 @@ def load_tensors(path: Path, sharded: dict[str, Any], names: Iterable[str]) -> d
     for name in names:
         item = sharded[name]
         whole[name] = torch.empty_like(item.data, device="cpu")
-        pieces = dataclasses.replace(item, data=whole[name])
-        for i, piece in enumerate(pieces.build() if isinstance(item, ShardedTensorFactory) else [pieces]):
+        filled = dataclasses.replace(item, data=whole[name])
+        for i, piece in enumerate(filled.build() if isinstance(item, ShardedTensorFactory) else [filled]):
             shape = (1,) * piece.prepend_axis_num + tuple(piece.local_shape)
             request[f"{name}.{i}"] = dataclasses.replace(piece, data=piece.data.view(shape), local_shape=shape,
                                                          prepend_axis_num=0)
