@@ -2,6 +2,7 @@
 the Hugging Face writer against ``save_pretrained``, and import-hf / export-hf holding one tensor (one
 layer) at a time while giving the in-process maps' result bit for bit."""
 
+import argparse
 import json
 import re
 import weakref
@@ -12,8 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_moh.checkpoint import CheckpointError
 from megatron_moh.conversion import ConversionError, hf_checkpoint, hf_files
 from megatron_moh.conversion.hf_configs import dense_llama_config, moh_hf_config
+from megatron_moh.conversion.megatron_files import check_holds
 from megatron_moh.conversion.hf_files import (
     import_hf_checkpoint,
     load_hf_state_dict,
@@ -23,7 +26,7 @@ from megatron_moh.conversion.hf_files import (
 )
 from megatron_moh.conversion.safetensors_io import read_header, read_tensor, write_file
 from megatron_moh.conversion.weights import VOCAB_TENSORS
-from megatron_moh.conversion.whole_model import load_model, single_process_group
+from megatron_moh.conversion.whole_model import build_model, checkpoint_model, load_model, single_process_group
 from megatron_moh.hf import MoHLlamaForCausalLM
 from tests.helpers import tiny_config
 
@@ -207,6 +210,21 @@ def test_round_trip_holds_one_tensor_then_one_layer_at_a_time(tmp_path, monkeypa
     assert original.keys() == again.keys()
     assert all(torch.equal(original[k], again[k]) and original[k].dtype == again[k].dtype for k in original)
     assert json.loads((back / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_export_refuses_a_checkpoint_that_does_not_hold_the_model(tmp_path):
+    """From the checkpoint's metadata, before any tensor is read."""
+    hf = _llama_dir(tmp_path / "hf", vocab=256)
+    out = hf_checkpoint.import_hf(hf, tmp_path / "ckpt", layout="dense")
+    with single_process_group():
+        path, saved, _, _ = checkpoint_model(out, meta=True)
+        for change, message in ((dict(ffn_hidden_size=96), r"holds decoder.layers.mlp.linear_fc1.weight as "
+                                 r"\[4, 256, 64\], but the model its own arguments describe has \[4, 192, 64\]$"),
+                                (dict(qk_layernorm=True), r"has no decoder.layers.self_attention.q_layernorm.weight "
+                                 r"\(for decoder.layers.0.self_attention.q_layernorm.weight\)")):
+            other = build_model(argparse.Namespace(**{**vars(saved), **change}), meta=True)
+            with pytest.raises(CheckpointError, match=message):
+                check_holds(path, other.sharded_state_dict())
 
 
 # --------------------------------------------------------------------------------------------
