@@ -4,7 +4,7 @@
 # top 8 of the 16 routed heads per token (75% of the heads). Five steps, each after the one before:
 #
 #   export HF_MODEL=/models/Meta-Llama-3-8B TEXT="/data/train-*.jsonl"
-#   bash examples/continue_tune/llama3_8b.sh import   # HF weights -> megatron checkpoint (streams: ~6 GB RAM)
+#   bash examples/continue_tune/llama3_8b.sh import   # HF weights -> megatron checkpoint (streamed: ~2 GB of RAM)
 #   bash examples/continue_tune/llama3_8b.sh data     # text -> indexed dataset, with the model's own tokenizer
 #   bash examples/continue_tune/llama3_8b.sh plan     # computed GPU memory of the layout (nothing runs)
 #   bash examples/continue_tune/llama3_8b.sh train    # one node here; NODES=4: sbatch, resumes when requeued

@@ -1,9 +1,16 @@
 """megatron checkpoint -> Hugging Face directory (`export_hf`) and back (`import_hf`), plus the
 ``pretrain_moh.py`` flags that continue-tune an imported model (`finetune_flags`).
 
-Both refuse bad input with one line before any work, and write through a scratch directory that
-replaces the output only once everything is written, so a failed conversion leaves nothing
-half-written and never replaces an existing directory without ``overwrite``.
+Both move one tensor at a time, so memory does not grow with the model: the megatron side is a
+model on the meta device whose sharded state dict names what the checkpoint holds
+(`megatron_files`), the Hugging Face side safetensors headers and shards (`hf_files`), and each
+tensor goes through the weight maps (`weights`) when the writer reaches it: import reads only the
+Hugging Face tensors that make the megatron tensor being written, export reads one layer of the
+megatron checkpoint at a time. Both refuse bad input with one line before any work (names, shapes
+and dtypes are checked from the headers and the checkpoint's metadata through the same maps), and
+write through a scratch directory that replaces the output only once everything is written, so a
+failed conversion leaves nothing half-written and never replaces an existing directory without
+``overwrite``.
 """
 
 from __future__ import annotations
@@ -14,24 +21,21 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from megatron_moh.checkpoint import RELEASE, TRACKER, CheckpointError, effective_arg, read_checkpoint_args
 from megatron_moh.conversion import ConversionError, hf_generation
 from megatron_moh.conversion.hf_configs import dense_llama_config, megatron_config_kwargs, moh_hf_config
 from megatron_moh.conversion.hf_tokenizer import load_export_tokenizer
-from megatron_moh.conversion.hf_files import (
-    import_hf_checkpoint,
-    load_hf_config,
-    save_dense_hf_checkpoint,
-    save_hf_checkpoint,
-)
-from megatron_moh.conversion.weights import megatron_to_hf
-from megatron_moh.conversion.whole_model import build_model, load_model, one_process_args, single_process_group
+from megatron_moh.conversion.hf_files import HFImportPlan, load_hf_config, plan_hf_import, write_hf_checkpoint
+from megatron_moh.conversion.megatron_files import check_holds, load_tensors, save_produced
+from megatron_moh.conversion.weights import EXTRA_STATE_SUFFIX, VOCAB_TENSORS, megatron_to_hf, tensor_maps
+from megatron_moh.conversion.whole_model import build_model, checkpoint_model, one_process_args, single_process_group
 from megatron_moh.outputs import removed_on_failure, share_like_umask, unwritable_reason
 from megatron_moh.tokenizer import HUGGINGFACE_TYPE, SENTENCEPIECE_TYPES, TokenizerError, check_tokenizer_model
 
@@ -121,6 +125,34 @@ def _check_dense_mlp(saved: argparse.Namespace) -> None:
                               f"pretrain_moh.py")
 
 
+class _LayerByLayer:
+    """The Hugging Face tensors of a megatron checkpoint by name, reading one layer (or one tensor
+    outside the layers) of the checkpoint at a time and holding only that one's tensors: the writer
+    asks in the Hugging Face model's order, layer after layer."""
+
+    def __init__(self, path: Path, sharded: dict[str, Any], specs: dict[str, Tensor], config: Any):
+        self.path, self.sharded = path, sharded
+        self.maps = {m: next(name for name in m.names if name in specs)
+                     for m in tensor_maps(config) if any(name in specs for name in m.names)}
+        self.by_hf = {name: m for m in self.maps for name in m.hf}
+        self.group: Any = None
+        self.tensors: dict[str, Tensor] = {}
+
+    @staticmethod
+    def _group(m: Any) -> Any:
+        return m.megatron if m.layer is None else m.layer
+
+    def __call__(self, hf_name: str) -> Tensor:
+        group = self._group(self.by_hf[hf_name])
+        if group != self.group:
+            self.group, self.tensors = group, {}
+            members = {m: name for m, name in self.maps.items() if self._group(m) == group}
+            loaded = load_tensors(self.path, self.sharded, members.values())
+            for m, name in members.items():
+                self.tensors.update(m.to_hf(loaded.pop(name)))
+        return self.tensors.pop(hf_name)
+
+
 def export_hf(
     load_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -163,12 +195,17 @@ def export_hf(
     except (ConversionError, TokenizerError) as err:
         raise CheckpointError(str(err)) from None
     with single_process_group():
-        model, saved = load_model(load_dir)
-        hf_state = megatron_to_hf(model.state_dict(), model.config)
-        writer = save_dense_hf_checkpoint if dense else save_hf_checkpoint
+        path, _, model, sharded = checkpoint_model(load_dir, meta=True)
+        check_holds(path, sharded)
+        specs = {k: v for k, v in model.state_dict().items() if not k.endswith(EXTRA_STATE_SUFFIX)}
+        try:
+            hf_specs = megatron_to_hf(specs, model.config)
+        except ConversionError as err:
+            raise CheckpointError(str(err)) from None
         with _written_atomically(out) as scratch:
-            writer(scratch, hf_state, hf_config, max_shard_size=max_shard_size, tokenizer_model_path=tokenizer,
-                   generation=generation)
+            write_hf_checkpoint(scratch, hf_config, hf_specs, _LayerByLayer(path, sharded, specs, model.config),
+                                dense=dense, max_shard_size=max_shard_size, tokenizer_model_path=tokenizer,
+                                generation=generation)
     return out
 
 
@@ -279,7 +316,7 @@ def import_hf(
     megatron_moh.conversion.hf_configs). The model's special token ids, chat template and
     generation config go with the checkpoint (`hf_generation`).
     """
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.utils import _clean_metadata_for_serialization
     from megatron.training.checkpointing import _build_sharded_state_dict_metadata, generate_state_dict
 
@@ -298,37 +335,53 @@ def import_hf(
                                   f"query-norm router) or custom (--moh-* flags)")
         config_kwargs = megatron_config_kwargs(hf_config, layout)
         _check_layout(config_kwargs, tensor_parallel, pipeline_parallel)
-        imported = import_hf_checkpoint(hf_dir, layout)
+        plan = plan_hf_import(hf_dir, layout)
     except ConversionError as err:
         raise CheckpointError(str(err)) from None
     divisor = _vocab_divisor(hf_dir, hf_config.vocab_size, make_vocab_size_divisible_by, tensor_parallel)
     generation = hf_generation.read_hf_model(hf_dir)
-    state = dict(imported.state_dict)
-    dtype = dtype or state["embedding.word_embeddings.weight"].dtype
-    args = _import_args(hf_config, imported.config_kwargs, imported.model_kwargs, hf_dir, tensor_parallel,
+    dtype = dtype or plan.specs["embedding.word_embeddings.weight"].dtype
+    args = _import_args(hf_config, plan.config_kwargs, plan.model_kwargs, hf_dir, tensor_parallel,
                         pipeline_parallel, divisor, dtype)
-    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        if key in state:
-            rows = state[key]
-            state[key] = torch.cat([rows, rows.new_zeros(args.padded_vocab_size - rows.shape[0], rows.shape[1])])
-    state = {k: v.to(dtype) for k, v in state.items()}
     with single_process_group():
-        model = build_model(args)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise CheckpointError(f"the Hugging Face weights do not fit the model: missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}")
+        model = build_model(args, meta=True)
+        produce = _fitted(plan, model)
         metadata = _build_sharded_state_dict_metadata(args, dp_cp_group=parallel_state.get_data_parallel_group())
         common = generate_state_dict(args, [model], None, None, None, iteration=0,
                                      model_sd_kwargs=dict(metadata=metadata))
         with _written_atomically(out) as scratch:
             (scratch / RELEASE).mkdir()
-            dist_checkpointing.save(common, str(scratch / RELEASE),
-                                    content_metadata=_clean_metadata_for_serialization(metadata))
+            save_produced(common, scratch / RELEASE, produce,
+                          content_metadata=_clean_metadata_for_serialization(metadata))
             hf_generation.write(scratch, generation)
             (scratch / TRACKER).write_text(RELEASE)
     return out
+
+
+def _fitted(plan: HFImportPlan, model: torch.nn.Module) -> Callable[[str], Tensor]:
+    """``plan.produce`` for the tensors of ``model`` (on the meta device), in the model's dtype and
+    with the vocabulary padded to the model's rows (new rows zero); refuses, before any work, weights
+    that do not fit the model."""
+    target = {k: v for k, v in model.state_dict().items() if not k.endswith(EXTRA_STATE_SUFFIX)}
+    missing = [k for k in target if k not in plan.maps]
+    made = {plan.maps[k].megatron for k in target if k in plan.maps}
+    unexpected = [k for k in plan.specs if k not in made]
+    if missing or unexpected:
+        raise CheckpointError(f"the Hugging Face weights do not fit the model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    for name, tensor in target.items():
+        shape = plan.specs[plan.maps[name].megatron].shape
+        padded = name in VOCAB_TENSORS and shape[1:] == tensor.shape[1:] and shape[0] <= tensor.shape[0]
+        if shape != tensor.shape and not padded:
+            raise CheckpointError(f"the Hugging Face weights do not fit the model: {name} would be {list(shape)}, "
+                                  f"the model's is {list(tensor.shape)}")
+
+    def produce(name: str) -> Tensor:
+        made = plan.produce(name).to(target[name].dtype)
+        rows = target[name].shape[0] - made.shape[0]  # vocabulary padding
+        return torch.cat([made, made.new_zeros(rows, *made.shape[1:])]) if rows else made
+
+    return produce
 
 
 def _number(value: Any) -> str:

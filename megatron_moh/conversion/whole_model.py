@@ -1,5 +1,7 @@
 """A checkpoint saved at any TP/PP/VPP as one whole model in one process (megatron's
-distributed checkpointing reshards on load), for the conversion and analysis tools."""
+distributed checkpointing reshards on load), for the conversion and analysis tools; or as a
+weightless model on the meta device, whose (sharded) state dict says what a checkpoint holds without
+memory, for the converters that move one tensor at a time (megatron_moh.conversion.megatron_files)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from megatron_moh.checkpoint import CheckpointError, find_checkpoint, first_line, read_common_state
 
@@ -69,11 +74,39 @@ def one_process_args(saved: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """The whole GPT (one TP=1/PP=1 chunk) that ``args`` describe, weights uninitialised."""
+class _OnMeta(TorchFunctionMode):
+    """Tensors created with an explicit ``device=`` (megatron passes the current CUDA device, or
+    the CPU) go to the meta device too; `torch.device("meta")` covers those created without."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if kwargs.get("device") is not None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def build_model(args: argparse.Namespace, meta: bool = False) -> torch.nn.Module:
+    """The whole GPT (one TP=1/PP=1 chunk) that ``args`` describe, weights uninitialised
+    (``meta=True``: every tensor on the meta device, so no memory at any size)."""
     from megatron_moh.model import model_from_args
 
-    return model_from_args(one_process_args(args))
+    if not meta:
+        return model_from_args(one_process_args(args))
+    with torch.device("meta"), _OnMeta():
+        return model_from_args(one_process_args(args))
+
+
+def checkpoint_model(load_dir: str | os.PathLike, meta: bool = False) -> tuple[Path, argparse.Namespace,
+                                                                               torch.nn.Module, dict]:
+    """(path of ``load_dir``'s current checkpoint, the saving run's arguments, the TP=1/PP=1 model
+    they describe, built as `build_model` builds it, and its sharded state dict for that checkpoint)."""
+    _, path = find_checkpoint(load_dir)
+    state = read_common_state(path)
+    saved = state.get("args")
+    if saved is None:
+        raise CheckpointError(f"{path} stores no run arguments: it was not saved by megatron.training")
+    model = build_model(saved, meta=meta)
+    return path, saved, model, model.sharded_state_dict(metadata=dict(state.get("content_metadata") or {}))
 
 
 def load_model(load_dir: str | os.PathLike) -> tuple[torch.nn.Module, argparse.Namespace]:
@@ -82,14 +115,7 @@ def load_model(load_dir: str | os.PathLike) -> tuple[torch.nn.Module, argparse.N
     arguments. Needs `single_process_group` (or an equivalent one-rank group)."""
     from megatron.core import dist_checkpointing
 
-    _, path = find_checkpoint(load_dir)
-    state = read_common_state(path)
-    saved = state.get("args")
-    if saved is None:
-        raise CheckpointError(f"{path} stores no run arguments: it was not saved by megatron.training")
-    model = build_model(saved)
-    metadata = dict(state.get("content_metadata") or {})
-    sharded = model.sharded_state_dict(metadata=metadata)
+    path, saved, model, sharded = checkpoint_model(load_dir)
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
     except Exception as err:  # noqa: BLE001 - megatron's messages are long; keep the first line

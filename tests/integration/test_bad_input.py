@@ -130,6 +130,13 @@ def cases(r: Path) -> list[tuple[str, str, list[str], int, list[str]]]:
          1, ["config.json does not exist"]),
         ("import-custom", CONVERT, ["import-hf", "--hf", f"{r}/empty", "--out", f"{r}/mg", "--layout", "custom"], 1,
          ["--layout custom needs --moh-num-shared-heads and --moh-topk"]),
+        ("import-tensor-shape", CONVERT, ["import-hf", "--hf", f"{r}/hf-shape", "--out", f"{r}/mg", "--layout",
+                                          "dense"], 1,
+         ["'model.layers.1.mlp.down_proj.weight' has shape (64, 64), expected (64, 128)"]),
+        ("import-tensor-missing", CONVERT, ["import-hf", "--hf", f"{r}/hf-missing", "--out", f"{r}/mg", "--layout",
+                                            "dense"], 1, ["state dict has no 'model.layers.1.mlp.up_proj.weight'"]),
+        ("import-damaged", CONVERT, ["import-hf", "--hf", f"{r}/hf-damaged", "--out", f"{r}/mg", "--layout", "dense"],
+         1, ["model.safetensors", "does not fit its data_offsets", "the file is damaged"]),
         ("convert-usage", CONVERT, ["export-hf", "--load", ck], 2, ["the following arguments are required: --out"]),
         # preprocess_data.py
         ("preprocess-missing", PREPROCESS, ["--input", f"{r}/none.txt", "--output-prefix", f"{d}/x",
@@ -197,7 +204,35 @@ def root(tmp_path_factory):
     binary = (data / "short.bin").read_bytes()
     (data / "short.bin").write_bytes(binary[:-10])
     launch(run_worker, 1, [*RUN, "--save", str(r / "ckpt"), "--save-interval", "2"], timeout=600)
+    _broken_llamas(r)
     return r
+
+
+def _broken_llamas(r: Path) -> None:
+    """Llama checkpoints whose tensors do not fit their config: one of the wrong shape, one missing, one
+    file cut short."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=32)
+    shapes = {"model.embed_tokens.weight": (500, 64), "model.norm.weight": (64,), "lm_head.weight": (500, 64)}
+    for i in range(2):
+        for name, shape in (("input_layernorm", (64,)), ("post_attention_layernorm", (64,)),
+                            ("self_attn.q_proj", (64, 64)), ("self_attn.k_proj", (64, 64)),
+                            ("self_attn.v_proj", (64, 64)), ("self_attn.o_proj", (64, 64)),
+                            ("mlp.gate_proj", (128, 64)), ("mlp.up_proj", (128, 64)), ("mlp.down_proj", (64, 128))):
+            shapes[f"model.layers.{i}.{name}.weight"] = shape
+    state = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    broken = {"hf-shape": {**state, "model.layers.1.mlp.down_proj.weight": torch.zeros(64, 64)},
+              "hf-missing": {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"},
+              "hf-damaged": state}
+    for name, tensors in broken.items():
+        config.save_pretrained(r / name)
+        save_file(tensors, r / name / "model.safetensors", metadata={"format": "pt"})
+    damaged = r / "hf-damaged" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
 
 
 @pytest.fixture(scope="module")
