@@ -187,7 +187,8 @@ def export_hf(
             _model_config(saved), vocab_size=saved.padded_vocab_size,
             max_position_embeddings=saved.max_position_embeddings, rotary_base=saved.rotary_base,
             tie_embeddings=not saved.untie_embeddings_and_output_weights,
-            rope_scaling_factor=saved.rope_scaling_factor if getattr(saved, "use_rope_scaling", False) else None)
+            rope_scaling_factor=saved.rope_scaling_factor if getattr(saved, "use_rope_scaling", False) else None,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None)  # unless the tokenizer or the import says
         if dense:
             dense_llama_config(hf_config)
         if tokenizer is not None:  # checked now, before any weight is read

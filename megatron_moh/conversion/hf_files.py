@@ -16,6 +16,7 @@ dtypes) through the weight maps before any data is read, and makes each megatron
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -118,6 +119,16 @@ def write_hf_checkpoint(
 
     from megatron_moh.hf.modeling_moh import MoHLlamaForCausalLM
 
+    tokenizer = None
+    if tokenizer_model_path is not None:
+        if not Path(tokenizer_model_path).exists():
+            raise ConversionError(f"tokenizer model {tokenizer_model_path} does not exist: pass the sentencepiece "
+                                  f".model file or Hugging Face tokenizer directory the model was trained with")
+        tokenizer = load_export_tokenizer(str(tokenizer_model_path), hf_config.vocab_size)
+    if generation is not None or tokenizer is not None:  # else the ids hf_config holds
+        hf_config = copy.deepcopy(hf_config)
+        for name, value in hf_generation.special_token_ids(generation, tokenizer).items():
+            setattr(hf_config, name, value)
     specs = {name: _meta(tensor) for name, tensor in specs.items()}
     if dense:
         config = dense_llama_config(hf_config)
@@ -130,21 +141,13 @@ def write_hf_checkpoint(
         model = _model_on_meta(MoHLlamaForCausalLM, hf_config, specs)
         type(hf_config).register_for_auto_class("AutoConfig")
         MoHLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    tokenizer = None
-    if tokenizer_model_path is not None:
-        if not Path(tokenizer_model_path).exists():
-            raise ConversionError(f"tokenizer model {tokenizer_model_path} does not exist: pass the sentencepiece "
-                                  f".model file or Hugging Face tokenizer directory the model was trained with")
-        tokenizer = load_export_tokenizer(str(tokenizer_model_path), model.config.vocab_size)
-    ids = hf_generation.special_token_ids(generation, tokenizer)  # the imported model's, else the tokenizer's
-    for name, value in ids.items():
-        setattr(model.config, name, value)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     _save_config(model, out_dir)
-    hf_generation.write_generation_files(out_dir, generation, ids)
+    if generation is not None:
+        hf_generation.write_generation_files(out_dir, generation)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     weights = {name: _meta(tensor) for name, tensor in model.state_dict().items() if name not in tied}
     write_weights(out_dir, weights, produce, max_shard_size, model.num_parameters())

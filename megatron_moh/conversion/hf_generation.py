@@ -102,18 +102,14 @@ def special_token_ids(settings: dict[str, Any] | None, tokenizer: Any) -> dict[s
     return ids
 
 
-def write_generation_files(out_dir: str | os.PathLike, settings: dict[str, Any] | None,
-                           ids: dict[str, Any]) -> None:
-    """generation_config.json as the imported model had it, else one with the export's special ids;
-    and the chat template when no exported tokenizer carries it."""
+def write_generation_files(out_dir: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """The imported model's generation_config.json as it was, and its chat template when no exported
+    tokenizer carries one."""
     out_dir = Path(out_dir)
-    generation = (settings or {}).get("generation_config")
-    if generation is None:
-        from transformers import GenerationConfig
-
-        generation = GenerationConfig(**{k: v for k, v in ids.items() if v is not None}).to_diff_dict()
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-    template = (settings or {}).get("chat_template")
+    if settings.get("generation_config") is not None:
+        (out_dir / "generation_config.json").write_text(json.dumps(settings["generation_config"], indent=2) + "\n",
+                                                        encoding="utf-8")
+    template = settings.get("chat_template")
     has_template = (out_dir / "chat_template.jinja").is_file() or "chat_template" in (
         _read_json(out_dir / "tokenizer_config.json") or {})
     if template and not has_template:

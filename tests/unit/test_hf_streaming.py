@@ -107,7 +107,8 @@ def test_writer_writes_what_save_pretrained_writes(tmp_path, tied, dense):
     from transformers import LlamaForCausalLM
 
     cfg = tiny_config(moh_num_shared_heads=8, moh_topk=0, moh_router="query_norm") if dense else tiny_config()
-    hf_config = moh_hf_config(cfg, 128, 64, tie_embeddings=tied)
+    # Without a tokenizer or an imported model's settings the export knows no special ids (not Llama-2's 1 and 2).
+    hf_config = moh_hf_config(cfg, 128, 64, tie_embeddings=tied, bos_token_id=None, eos_token_id=None)
     torch.manual_seed(0)
     if dense:
         model = LlamaForCausalLM(dense_llama_config(hf_config)).to(torch.bfloat16)
