@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from megatron_moh.checkpoint import CheckpointError, find_checkpoint, first_line, read_common_state
+from megatron_moh.checkpoint import CheckpointError, find_checkpoint, first_line, read_common_state, verify_checkpoint
 
 
 @contextlib.contextmanager
@@ -79,10 +79,12 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 def load_model(load_dir: str | os.PathLike) -> tuple[torch.nn.Module, argparse.Namespace]:
     """The model of ``load_dir``'s current checkpoint, saved at any TP/PP/VPP, as one TP=1/PP=1
     GPTModel in this process (megatron's distributed checkpointing reshards), and the saving run's
-    arguments. Needs `single_process_group` (or an equivalent one-rank group)."""
+    arguments; the model's data is verified against its checksums first. Needs `single_process_group`
+    (or an equivalent one-rank group)."""
     from megatron.core import dist_checkpointing
 
     _, path = find_checkpoint(load_dir)
+    verify_checkpoint(path, optimizer=False)
     state = read_common_state(path)
     saved = state.get("args")
     if saved is None:

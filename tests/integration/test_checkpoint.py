@@ -18,7 +18,12 @@ import torch
 
 from megatron_moh import checkpoint
 from tests.helpers import assert_one_line_refusal
-from tests.integration.checkpoint_runner import kill_during_save, run_worker
+from tests.integration.checkpoint_runner import (
+    FIRST_SAVE_MOMENTS,
+    kill_during_save,
+    run_worker,
+    sigterm_in_first_save_worker,
+)
 from tests.integration.jobs import survivors
 from tests.integration.pretrain_runner import SMALL_MODEL, exit_message_worker
 from tests.launcher import launch
@@ -127,6 +132,22 @@ def test_preemption_and_time_limit_save_then_resume_exactly(stop, tmp_path, unin
     resumed = _run(1, "--load", str(tmp_path))
     before, after = _losses(first), _losses(resumed)
     assert before + after == _losses(uninterrupted)
+
+
+@pytest.mark.parametrize("moment", FIRST_SAVE_MOMENTS)
+def test_sigterm_during_the_first_save_keeps_it_and_resumes_exactly(moment, tmp_path, uninterrupted):
+    """SIGTERM to every process of the run (as SLURM sends it and torchrun forwards it) during the
+    process's first save: that save completes, megatron saves the next iteration and exits, and the
+    resumed run continues exactly. The writer's helper once started in that save and died of it."""
+    root = tmp_path / "ckpt"
+    argv = [*MODEL, "--train-iters", str(ITERS), "--save", str(root), "--save-interval", "2", "--exit-signal-handler"]
+    first = launch(sigterm_in_first_save_worker, 1, argv, moment, timeout=600)[0]
+    assert first["signalled"] and first["code"] in (None, 0), first["err"][-3000:]
+    assert "exiting program after receiving SIGTERM" in first["out"]
+    assert checkpoint.verify_checkpoint(root / "iter_0000002") > 0  # the first save: complete and whole
+    assert checkpoint.find_checkpoint(root) == (3, root / "iter_0000003")
+    resumed = _run(1, "--load", str(root))
+    assert _losses([first]) + _losses(resumed) == _losses(uninterrupted)
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, uninterrupted):
