@@ -9,10 +9,10 @@
   option (without it, or on a filesystem without locks, the run goes on with a warning). A SLURM
   requeue of the same job finds the lock free, or, when the previous node was lost and its lease
   has not expired yet, waits for it (`SAME_JOB_WAIT`), since one job never runs twice at a time.
-* **Room.** A checkpoint is about as large as the one before it: a run that resumes, and every save
-  after the first, checks that the disk has that much free before it starts (at start-up, before
-  training, rather than after it), and a save that fails on a full disk (the writer reports it as
-  "Worker failure" or "unexpected pos") is recognised by a probe write and reported as such.
+* **Room.** A checkpoint is about as large as the one before it: a run that resumes checks at
+  start-up that the disk has that much free (rather than failing after training), and every save
+  checks it before it writes (`megatron_moh.patches.checkpointing`, which also names a full disk
+  when a save fails on one).
 """
 
 from __future__ import annotations

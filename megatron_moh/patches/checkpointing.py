@@ -265,8 +265,8 @@ def _full_disk_named(save: Any) -> Any:
 
 
 def _on_any_rank(flag: bool) -> bool:
-    """Whether ``flag`` is set on any rank (all of them decide alike, so none waits for the others
-    in a save the others skip)."""
+    """Whether ``flag`` is set on any rank: all of them decide alike, so that none waits in a save
+    that the others skip."""
     from megatron_moh import platform
 
     found = torch.tensor([int(flag)], device=platform.device())
@@ -285,11 +285,13 @@ def _room_checked(save_checkpoint: Any) -> Any:
         run = get_args()
         if kwargs.get("non_persistent_ckpt") or run.save is None:
             return save_checkpoint(iteration, *args, **kwargs)
-        problem = save_dir.room_problem(run.save, f"the checkpoint of iteration {iteration}",
-                                        save_dir.newest_checkpoint(run.save, run.load))
+        problem = None
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # one look at the disk
+            problem = save_dir.room_problem(run.save, f"the checkpoint of iteration {iteration}",
+                                            save_dir.newest_checkpoint(run.save, run.load))
         if _on_any_rank(problem is not None):
-            raise DiskFull(errno.ENOSPC, problem or f"no space left on device: another rank found --save {run.save} "
-                                                    f"too full for the checkpoint of iteration {iteration}")
+            raise DiskFull(errno.ENOSPC, problem or f"no space left on device: rank 0 found --save {run.save} too "
+                                                    f"full for the checkpoint of iteration {iteration}")
         try:
             return save_checkpoint(iteration, *args, **kwargs)
         except OSError as err:

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_moh import checkpoint
 from megatron_moh import tokenizer as tk
 from megatron_moh.data import corpus, preprocess
 from tests.integration.checkpoint_runner import run_worker
@@ -245,10 +244,14 @@ def _small_disk(path: Path, size: str) -> bool:
 def _damaged_copy(src: Path, dst: Path, item_name: str, damage) -> None:
     """A copy of the checkpoint ``src`` with the first data item whose name starts with
     ``item_name`` damaged in place by ``damage(data, item)``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
     shutil.copytree(src, dst)
     iteration = dst / "iter_0000002"
-    item = next(item for item in checkpoint.data_items(iteration) if item.name.startswith(item_name))
-    file = iteration / item.file
+    storage = FileSystemReader(str(iteration)).read_metadata().storage_data
+    item = min((info for index, info in storage.items() if index.fqn.startswith(item_name)),
+               key=lambda info: (info.relative_path, info.offset))
+    file = iteration / item.relative_path
     data = bytearray(file.read_bytes())
     damage(data, item)
     file.write_bytes(bytes(data))

@@ -172,6 +172,34 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, unin
     assert (partial / ".metadata").exists()
 
 
+def test_one_run_per_save_directory(tmp_path):
+    """Two runs on one --save would interleave their checkpoints: the second is refused in one line
+    naming the first (host, pid of its rank 0); once the first is killed with SIGKILL, its lock is
+    gone with it and a run resumes there."""
+    import signal
+    import socket
+
+    from tests.integration.jobs import LOADED, SAVED, Job
+
+    root = tmp_path / "ckpt"
+    argv = [*MODEL, "--train-iters", "1000", "--save", str(root), "--save-interval", "2"]
+    first = Job(1, argv, tmp_path / "first.log")
+    try:
+        first.wait_for(r"successfully saved checkpoint from iteration\s+2 ", timeout=300)
+        rank0 = next(p for p in first.tree() if "pretrain_moh.py" in " ".join(p.cmdline()) and p != first.launcher)
+        message = _refusal("--save", str(root), "--save-interval", "2")
+        assert message.startswith(f"pretrain_moh.py: error: --save {root} is in use by a run on host "
+                                  f"{socket.gethostname()} (pid {rank0.pid}, since ")
+        first.signal_every_process(signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        first.stop()
+    saved = int(SAVED.findall(first.text())[-1])
+    resumed = launch(run_worker, 1, [*argv, "--load", str(root), "--exit-interval", str(saved + 1)], timeout=600)[0]
+    assert resumed["code"] in (None, 0), resumed["err"][-3000:]
+    assert LOADED.findall(resumed["out"]) == [str(saved)]
+
+
 # --------------------------------------------------------------------------------------------
 # Resharding: saved at TP=2 x PP=2, loaded at TP=1 x PP=1 and TP=1 x PP=4
 
