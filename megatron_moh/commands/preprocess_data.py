@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     """Check inputs, tokenizer and output first, then tokenize; one-line error and exit 2 if bad."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    with one_line_errors(parser.prog):
+    with one_line_errors(parser.prog, output=os.path.dirname(os.path.abspath(args.output_prefix))):
         if args.workers < 1:
             raise DataError(f"--workers {args.workers}; use 1 or more")
         replaced = preprocess.check_input_files(args.input, args.json_key, args.errors)

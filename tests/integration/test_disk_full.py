@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from megatron_moh import checkpoint
+from megatron_moh import tokenizer as tk
+from megatron_moh.data import corpus
 
 pytestmark = pytest.mark.slow  # six runs of pretrain_moh.py and the conversion tool
 
@@ -135,13 +137,19 @@ def test_a_save_that_fails_on_a_full_disk_says_so(tmp_path):
 
 
 @needs_private_tmpfs
-def test_conversion_onto_a_full_disk_says_so_and_leaves_nothing(saves_and_resumes, tmp_path):
+def test_conversion_and_preprocessing_onto_a_full_disk_say_so_and_leave_nothing(saves_and_resumes, tmp_path):
     _, saved = saves_and_resumes  # iteration 1, on the real disk
     disk = SmallDisk(tmp_path, "200k")
     hf = tmp_path / "hf"
     disk.program("export", "tools/convert_checkpoint.py", "export-hf", "--load", saved, "--out", disk.disk / "hf")
     disk.program("export-here", "tools/convert_checkpoint.py", "export-hf", "--load", saved, "--out", hf)
     disk.program("import", "tools/convert_checkpoint.py", "import-hf", "--hf", hf, "--out", disk.disk / "mg")
+    docs = list(corpus.builtin_corpus_text())[:300]
+    tk.train_tokenizer(docs, str(tmp_path / "tok"), 512)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(docs) * 4)  # ~1 MB: some 500 KB of ids at 2 bytes each
+    disk.program("preprocess", "tools/preprocess_data.py", "--input", text, "--output-prefix", disk.disk / "data" / "x",
+                 "--tokenizer-model", tmp_path / "tok.model", "--no-progress")
     disk.shell(f"ls -A {disk.disk} > {tmp_path / 'left'}")
     disk.run()
     for step, out in (("export", disk.disk / "hf"), ("import", disk.disk / "mg")):
@@ -151,4 +159,8 @@ def test_conversion_onto_a_full_disk_says_so_and_leaves_nothing(saves_and_resume
         assert message.startswith(f"convert_checkpoint.py: error: no space left on device: {out} (")
         assert message.endswith("free now): nothing of --out was written: free space or choose another --out")
     assert disk.result("export-here")[0] == 0
+    code, _, err = disk.result("preprocess")
+    assert code == 2
+    assert _one_line(err, "preprocess_data.py").startswith(
+        f"preprocess_data.py: error: no space left on device: {disk.disk / 'data'} (")
     assert (tmp_path / "left").read_text() == ""  # the partial outputs were removed
