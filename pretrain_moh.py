@@ -46,21 +46,26 @@ def main(argv: Sequence[str] | None = None) -> None:
             preflight.check_args(args)
     except AssertionError as err:  # megatron's argument checks, e.g. impossible batch sizes
         raise SystemExit(f"{preflight.PROG}: error: {preflight.explain_assertion(err)}") from None
-    sys.stdout.write(report.getvalue())
-    set_global_variables(args)
-    metrics.install()
-    try:
-        pretrain(
-            pretrain_cfg_container_from_args(args),
-            datasets_provider,
-            ModelType.encoder_or_decoder,
-            forward_step,
-            model_provider=model_provider,
-        )
-    except SystemExit as exit_:
-        if exit_.code in preflight.DIVERGED_EXIT_CODES:
-            print(preflight.diverged(args, exit_.code), file=sys.stderr)
-        raise
+    with preflight.holding_save_dir(args):  # one run per --save directory
+        sys.stdout.write(report.getvalue())
+        if args.save and args.ckpt_format == "torch_dist":
+            checkpointing.start_writer_helper()  # now, so that a signal cannot catch it starting in a save
+        set_global_variables(args)
+        metrics.install()
+        try:
+            pretrain(
+                pretrain_cfg_container_from_args(args),
+                datasets_provider,
+                ModelType.encoder_or_decoder,
+                forward_step,
+                model_provider=model_provider,
+            )
+        except SystemExit as exit_:
+            if exit_.code in preflight.DIVERGED_EXIT_CODES:
+                print(preflight.diverged(args, exit_.code), file=sys.stderr)
+            raise
+        except checkpointing.DiskFull as err:
+            raise SystemExit(f"{preflight.PROG}: error: {err.strerror}") from None
 
 
 if __name__ == "__main__":

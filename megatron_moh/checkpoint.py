@@ -3,16 +3,21 @@
 Saving and resuming are megatron.training's own (``--save``, ``--load``, ``--save-interval``,
 ``--exit-*``), made safe and exact by `megatron_moh.patches.checkpointing`. This module answers
 "is this checkpoint usable, and by this run?" before any process group starts: a ``--load`` that
-cannot work (missing, partial, another model shape or vocabulary, distributed-optimizer state
-that cannot be resharded) is refused with one line (`check_load`).
+cannot work (missing, partial, damaged, another model shape or vocabulary, distributed-optimizer
+state that cannot be resharded) is refused with one line (`check_load`). `verify_checkpoint`
+checks the data against the CRC-32s it was saved with, for training and the tools alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import os
 import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +130,120 @@ def read_checkpoint_args(load_dir: str | os.PathLike) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------
+# Verifying the data against its checksums
+#
+# A .distcp file holds one torch.save zip archive per item (a tensor shard, a pickled object),
+# back to back; each record of an archive carries the CRC-32 torch.save computed. torch's reader
+# loads an item by offset and never checks them, so damaged bytes would be trained on.
+
+
+@dataclass(frozen=True)
+class DataItem:
+    """One archive of a checkpoint: which state it holds (a shard of it: the byte range tells
+    shards apart) and where its bytes are."""
+
+    name: str
+    file: str
+    offset: int
+    length: int
+
+
+def data_items(path: str | os.PathLike) -> list[DataItem]:
+    """The archives of the torch_dist checkpoint directory ``path``, in the order of their files."""
+    checkpointing.install()
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage = FileSystemReader(str(path)).read_metadata().storage_data
+    items = [DataItem(index.fqn, info.relative_path, info.offset, info.length) for index, info in storage.items()]
+    return sorted(items, key=lambda item: (item.file, item.offset))
+
+
+class _Window(io.RawIOBase):
+    """Bytes [start, start + length) of a file, as a seekable file of their own."""
+
+    def __init__(self, file: Path, start: int, length: int) -> None:
+        self._file = open(file, "rb", buffering=0)
+        self._start, self._length, self._position = start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = max(0, base + position)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        size = max(0, min(len(buffer), self._length - self._position))
+        done = os.preadv(self._file.fileno(), [memoryview(buffer)[:size]], self._start + self._position)
+        self._position += done
+        return done
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+_BLOCK = 1 << 23  # bytes read at a time: memory stays bounded whatever the size of an item
+
+
+def _check_item(path: Path, item: DataItem) -> int:
+    """Read ``item``'s archive record by record, as zipfile checks each against its CRC-32;
+    return the bytes checked (0 for an archive saved without CRCs)."""
+    try:
+        with _Window(path / item.file, item.offset, item.length) as window, zipfile.ZipFile(window) as archive:
+            records = archive.infolist()
+            if not any(record.CRC for record in records):
+                return 0  # saved with torch.serialization.set_crc32_options(False): nothing to check against
+            for record in records:
+                with archive.open(record) as data:
+                    while data.read(_BLOCK):
+                        pass
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zipfile raises several kinds on damaged bytes
+        what = "does not match the CRC-32 saved with it" if "CRC" in str(err) else "is not a whole torch.save archive"
+        raise CheckpointError(f"{path / item.file} is damaged: {item.name} (its bytes {item.offset}-"
+                              f"{item.offset + item.length}) {what} ({first_line(err)}): restore the file from a copy, "
+                              f"or use an earlier checkpoint") from None
+    return sum(record.file_size for record in records)
+
+
+def verify_checkpoint(path: str | os.PathLike, *, optimizer: bool = True, part: int = 0, parts: int = 1,
+                      threads: int | None = None) -> int:
+    """Check the data of the torch_dist checkpoint directory ``path`` against the CRC-32s saved
+    with it, reading each item in blocks; raise CheckpointError (one line naming the file and the
+    item) at the first damaged one. Returns the bytes checked.
+
+    ``optimizer=False`` skips the optimizer state (for loads that do not read it). The items are
+    shared out by size among ``parts`` callers, so that the ranks of a job read the checkpoint
+    once between them: this one checks share ``part``, on ``threads`` threads (zlib's CRC-32
+    releases the GIL)."""
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        return 0  # megatron's legacy format: no archives to check
+    items = [item for item in data_items(path) if optimizer or not item.name.startswith("optimizer.")]
+    loads, mine = [0] * parts, []
+    for item in sorted(items, key=lambda item: -item.length):
+        least = loads.index(min(loads))
+        loads[least] += item.length
+        if least == part:
+            mine.append(item)
+    mine.sort(key=lambda item: (item.file, item.offset))
+    pool = ThreadPoolExecutor(threads or min(4, len(os.sched_getaffinity(0))), thread_name_prefix="verify-checkpoint")
+    try:
+        return sum(pool.map(lambda item: _check_item(path, item), mine))
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+# --------------------------------------------------------------------------------------------
 # Refusing a --load that cannot work
 
 
@@ -208,6 +327,9 @@ def check_load(args: argparse.Namespace) -> None:
     if step:  # megatron loads this iteration instead of the tracker's
         which, path = step, path.parent / f"iter_{step:07d}"
         _check_complete(path)
+    # megatron reads the optimizer state unless told not to, or from a release checkpoint
+    optimizer = not (getattr(args, "finetune", False) or getattr(args, "no_load_optim", False) or which == RELEASE)
+    verify_checkpoint(path, optimizer=optimizer, part=getattr(args, "rank", 0), parts=getattr(args, "world_size", 1))
     state = read_common_state(path)
     saved = state.get("args")
     if saved is None:

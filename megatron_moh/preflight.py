@@ -10,10 +10,11 @@ process group exists.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from megatron_moh.checkpoint import CheckpointError, check_load, first_line
 from megatron_moh.config import MoHConfigError, check_moh_config, resolve_moh_defaults
 from megatron_moh.conversion import ConversionError, hf_generation
 from megatron_moh.outputs import unwritable_reason
+from megatron_moh.save_dir import held, newest_checkpoint, room_problem
 from megatron_moh.specs import TransformerEngineMissing, have_transformer_engine, require_transformer_engine
 
 # Counts and sizes that must be at least 1 when given (None: megatron or the project fills them).
@@ -170,7 +172,8 @@ def _check_writable(flag: str, path: str | None) -> None:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Refuse outputs that would fail at the first save or log, after training ran."""
+    """Refuse outputs that would fail at the first save or log, after training ran: among them a
+    --save without room for a checkpoint as large as the one this run resumes from."""
     _check_writable("--save", args.save)
     _check_writable("--tensorboard-dir", args.tensorboard_dir)
     _check_writable("--data-cache-path", args.data_cache_path)
@@ -178,6 +181,20 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise SystemExit(f"{PROG}: error: --ckpt-format torch writes megatron's legacy format, which this project "
                          f"does not load back (it reads torch_dist checkpoints only, safely): use "
                          f"--ckpt-format torch_dist (the default)")
+    if args.save and (problem := room_problem(args.save, "the next checkpoint", newest_checkpoint(args.load))):
+        raise SystemExit(f"{PROG}: error: {problem}")
+
+
+@contextlib.contextmanager
+def holding_save_dir(args: argparse.Namespace) -> Iterator[None]:
+    """Hold --save for this run while the block runs (`megatron_moh.save_dir`); one line when
+    another run holds it."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(held(args.save, args.rank))
+        except CheckpointError as err:
+            raise SystemExit(f"{PROG}: error: {err}") from None
+        yield
 
 
 def build_checked_tokenizer(args: argparse.Namespace) -> Any:

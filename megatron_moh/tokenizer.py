@@ -23,6 +23,7 @@ This module imports megatron and transformers only inside functions, so training
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import os
@@ -32,6 +33,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy
+
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 EOD_PIECE = "</s>"
 NUM_BYTE_PIECES = 256
@@ -39,8 +42,11 @@ MIN_VOCAB_SIZE = NUM_BYTE_PIECES + 4 + 1
 SENTENCEPIECE_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
 HUGGINGFACE_TYPE = "HuggingFaceTokenizer"
 MEGATRON_TOKENIZER_TYPE = SENTENCEPIECE_TYPES[0]  # what train_tokenizer's models are read as
-# sentencepiece trains on lines; longer lines are skipped, so allow long docstring paragraphs.
+# sentencepiece trains on lines and skips longer ones without a word: longer lines are split.
 _MAX_LINE_BYTES = 16384
+# sentencepiece holds about 50 bytes per character of a text while encoding it: longer texts are
+# encoded in pieces of this many characters (a 200 MB line would need over 10 GB otherwise).
+ENCODE_PIECE_CHARS = 1 << 20
 
 
 class TokenizerError(ValueError):
@@ -104,6 +110,8 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as err:
+        if counter.error is not None:  # the input's own error (e.g. bad JSON), not sentencepiece's
+            raise counter.error from None
         raise _explain_training_error(err, vocab_size, counter.lines) from None
 
     atomic_write(model_path, buffer.getvalue())
@@ -270,18 +278,137 @@ def atomic_write(path: str, data: bytes) -> None:
 
 
 class _LineCounter:
-    """Feed sentencepiece the non-empty lines of each document, counting them for error messages."""
+    """Feed sentencepiece the non-empty lines of each document, counting them for error messages.
+
+    Lines over sentencepiece's byte limit, which it would skip without a word, go in pieces cut at
+    spaces (`split_at_spaces`): it learns the same words from them. An error raised while reading
+    the documents is kept in ``error``, since sentencepiece reports it only as an internal error.
+    """
 
     def __init__(self, documents: Iterable[str]) -> None:
         self.documents = documents
         self.lines = 0
+        self.error: BaseException | None = None
 
     def __iter__(self) -> Iterator[str]:
-        for document in self.documents:
-            for line in document.split("\n"):
-                if line.strip():
-                    self.lines += 1
-                    yield line
+        try:
+            for document in self.documents:
+                for line in document.split("\n"):
+                    if line.strip():
+                        self.lines += 1
+                        if len(line.encode("utf-8")) <= _MAX_LINE_BYTES:
+                            yield line
+                        else:  # a character is at most 4 bytes
+                            yield from (piece for piece, _ in split_at_spaces(line, _MAX_LINE_BYTES // 4))
+        except Exception as err:
+            self.error = err
+            raise
+
+
+def split_at_spaces(text: str, limit: int) -> Iterator[tuple[str, bool]]:
+    """``text`` in pieces of at most ``limit`` characters, each with whether a space before it was
+    dropped.
+
+    sentencepiece starts every text with a space (its dummy prefix) and no piece of its vocabulary
+    spans a space that follows a non-space character. Cutting at such a space and dropping it
+    therefore gives pieces that encode to the ids of the whole text, and train the same words. A
+    run of ``limit`` characters without one is cut where it reaches the limit; the piece after that
+    cut follows no dropped space.
+    """
+    start, after_space = 0, False
+    while len(text) - start > limit:
+        cut = text.rfind(" ", start + 1, start + limit + 1)
+        while cut > start and text[cut - 1] == " ":  # to the first space of a run
+            cut -= 1
+        if cut > start:
+            yield text[start:cut], after_space
+            start, after_space = cut + 1, True
+        else:
+            yield text[start:start + limit], after_space
+            start, after_space = start + limit, False
+    yield text[start:], after_space
+
+
+def encode_in_pieces(processor: Any, text: str, limit: int | None = None) -> numpy.ndarray:
+    """``processor.encode_as_ids(text)`` as int32, in memory bounded by ``limit`` characters
+    (default `ENCODE_PIECE_CHARS`) plus 4 bytes per id: the same ids, except around a cut inside a
+    run of ``limit`` characters without a space, where the ids may differ but still decode to the
+    same text."""
+    limit = limit or ENCODE_PIECE_CHARS
+    pieces = []
+    for number, (piece, after_space) in enumerate(split_at_spaces(text, limit)):
+        encoder = processor if number == 0 or after_space else _without_dummy_prefix(processor)
+        pieces.append(numpy.asarray(encoder.encode_as_ids(piece), dtype=numpy.int32))
+    return pieces[0] if len(pieces) == 1 else numpy.concatenate(pieces)
+
+
+def encode_hf_in_pieces(tokenizer: Any, texts: list[str], limit: int | None = None) -> list[numpy.ndarray]:
+    """``tokenizer(texts).input_ids`` of a Hugging Face tokenizer, as int32 arrays, with each text
+    longer than ``limit`` characters (default `ENCODE_PIECE_CHARS`) encoded in pieces so that memory
+    stays bounded: cut before a space that starts a word, which byte-level BPE pre-tokenizers
+    (GPT-2, Llama-3, Qwen) never merge across, with the tokens its template puts first added once.
+    Tokenizers for which that is not exact (checked on a probe text), and texts without such a
+    space within ``limit`` characters, are refused (TokenizerError) rather than changed."""
+    limit = limit or ENCODE_PIECE_CHARS
+    short = [i for i, text in enumerate(texts) if len(text) <= limit]
+    out: list[numpy.ndarray] = [numpy.zeros(0, numpy.int32)] * len(texts)
+    if short:
+        for i, ids in zip(short, tokenizer([texts[i] for i in short]).input_ids):
+            out[i] = numpy.asarray(ids, dtype=numpy.int32)
+    for i, text in enumerate(texts):
+        if len(text) > limit:
+            prefix = _hf_piece_prefix(tokenizer)
+            if prefix is None:
+                raise TokenizerError(f"a document of {len(text):,} characters is longer than {limit:,}, and this "
+                                     "tokenizer cannot encode it in pieces with the ids of the whole: split it into "
+                                     "shorter documents")
+            pieces = [tokenizer(piece, add_special_tokens=False).input_ids for piece in _before_words(text, limit)]
+            out[i] = numpy.asarray(prefix + [t for piece in pieces for t in piece], dtype=numpy.int32)
+    return out
+
+
+_PROBE = "Return the  number of items, 12345 or 3.14.\n\n  An indented line\tand\ttabs;\nthe end."
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_piece_prefix(tokenizer: Any) -> list[int] | None:
+    """The ids ``tokenizer``'s template puts before a text, when encoding in pieces cut before words
+    gives the whole text's ids (checked on a probe); else None."""
+    whole = tokenizer(_PROBE).input_ids
+    plain = tokenizer(_PROBE, add_special_tokens=False).input_ids
+    if whole[len(whole) - len(plain):] != plain:
+        return None  # the template adds tokens after the text too
+    pieces = [t for piece in _before_words(_PROBE, 24) for t in tokenizer(piece, add_special_tokens=False).input_ids]
+    return whole[:len(whole) - len(plain)] if pieces == plain else None
+
+
+def _before_words(text: str, limit: int) -> Iterator[str]:
+    """``text`` in pieces of at most ``limit`` characters, each after the first starting with the
+    space before a word (TokenizerError if a stretch of ``limit`` characters has no such space)."""
+    start = 0
+    while len(text) - start > limit:
+        cut = start + limit
+        while cut > start and not (text[cut] == " " and cut + 1 < len(text) and not text[cut + 1].isspace()):
+            cut -= 1
+        if cut == start:
+            raise TokenizerError(f"a stretch of {limit:,} characters without a space before a word cannot be encoded "
+                                 "in pieces: split the document")
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+@functools.lru_cache(maxsize=4)
+def _without_dummy_prefix(processor: Any) -> Any:
+    """``processor``'s model without the space sentencepiece puts before every text: for the
+    continuation of a text that was cut where there is no space."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(processor.serialized_model_proto())
+    proto.normalizer_spec.add_dummy_prefix = False
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
 def _explain_training_error(err: RuntimeError, vocab_size: int, lines: int) -> TokenizerError:

@@ -8,7 +8,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-from megatron_moh.outputs import describe_os_error
+from megatron_moh.outputs import FULL, describe_os_error
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -20,12 +20,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 @contextlib.contextmanager
-def one_line_errors(prog: str) -> Iterator[None]:
+def one_line_errors(prog: str, output: str | None = None) -> Iterator[None]:
     """Bad input (ValueError) and unusable paths (OSError) end the program with one line on stderr
-    and exit code 2."""
+    and exit code 2; a full disk met while writing an open file is named by ``output``."""
     try:
         yield
     except (OSError, ValueError) as err:
+        if isinstance(err, OSError) and err.errno in FULL and not err.filename and output:
+            err = OSError(err.errno, err.strerror, output)  # a write to an open file names nothing
         message = describe_os_error(err) if isinstance(err, OSError) else str(err)
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

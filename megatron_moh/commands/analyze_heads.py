@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_moh.checkpoint import CheckpointError, find_checkpoint, read_checkpoint_args
     from megatron_moh.conversion.whole_model import load_model, single_process_group
     from megatron_moh.data.validation import DataError
+    from megatron_moh.outputs import unwritable_reason
 
     try:
         if (missing := plots.matplotlib_missing()) is not None:
@@ -134,11 +135,13 @@ def main(argv: list[str] | None = None) -> None:
         samples = [draw_tokens(s, opts.tokens, tokenizer=tokenizer, vocab_size=saved.padded_vocab_size,
                                seed=opts.seed) for s in sources]
         out = Path(opts.out)
-        out.mkdir(parents=True, exist_ok=True)
+        if (reason := unwritable_reason(out)) is not None:
+            raise DataError(f"--out {out}: {reason}: choose a directory you can write to")
         with single_process_group():
             model, _ = load_model(opts.load)
             stats = analyze(model.to(device), samples, seq_length, opts.micro_batch_size, device,
                             progress=not opts.no_progress)
+        out.mkdir(parents=True, exist_ok=True)
     except (CheckpointError, DataError, tok.TokenizerError, OSError) as err:
         raise SystemExit(f"{PROG}: error: {err}") from None
     checkpoint = dict(path=str(path), iteration=iteration, seq_length=seq_length, seed=opts.seed)

@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_moh.checkpoint import CheckpointError, read_checkpoint_args
     from megatron_moh.conversion import ConversionError
     from megatron_moh.conversion.hf_checkpoint import export_hf, finetune_flags, import_hf
-    from megatron_moh.outputs import describe_os_error
+    from megatron_moh.outputs import describe_os_error, no_space, ran_out_of_space
+    from megatron_moh.patches import checkpointing
 
+    checkpointing.install()  # safe loading, and a full disk named as such when saving
     try:
         if opts.command == "export-hf":
             out = export_hf(opts.load, opts.out, dense=opts.dense, tokenizer_model=opts.tokenizer_model,
@@ -104,8 +106,13 @@ def main(argv: list[str] | None = None) -> None:
                 dtype=getattr(torch, DTYPES[opts.dtype]) if opts.dtype else None, overwrite=opts.overwrite)
     except (CheckpointError, ConversionError) as err:
         raise SystemExit(f"{PROG}: error: {err}") from None
-    except OSError as err:
-        raise SystemExit(f"{PROG}: error: {describe_os_error(err)}") from None
+    except Exception as err:  # noqa: BLE001 - safetensors names a full disk in an error of its own
+        if not ran_out_of_space(err, opts.out):
+            if isinstance(err, OSError):
+                raise SystemExit(f"{PROG}: error: {describe_os_error(err)}") from None
+            raise
+        raise SystemExit(f"{PROG}: error: {no_space(opts.out)}: nothing of --out was written: free space or "
+                         f"choose another --out") from None
     print(f"{PROG}: wrote {out}")
     if opts.command == "import-hf":
         import shlex

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl input")
     parser.add_argument("--txt-mode", choices=preprocess.TXT_MODES, default="file",
                         help="a .txt file is one document, or one per paragraph / line")
+    parser.add_argument("--errors", choices=preprocess.ERRORS, default="strict",
+                        help="invalid UTF-8 in the input: refuse it (default), or replace it with U+FFFD and "
+                             "count it in the summary")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                         help="end every document with the EOD id (default: on)")
@@ -52,17 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     """Check inputs, tokenizer and output first, then tokenize; one-line error and exit 2 if bad."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    with one_line_errors(parser.prog):
+    with one_line_errors(parser.prog, output=os.path.dirname(os.path.abspath(args.output_prefix))):
         if args.workers < 1:
             raise DataError(f"--workers {args.workers}; use 1 or more")
-        preprocess.check_input_files(args.input, args.json_key)
+        replaced = preprocess.check_input_files(args.input, args.json_key, args.errors)
         tokenizer_type = tokenizer.check_tokenizer_model(args.tokenizer_model, args.tokenizer_type)
         preprocess.check_output_prefix(args.output_prefix, args.overwrite)
         progress = not args.no_progress
         total = preprocess.count_documents(args.input, args.txt_mode) if progress else None
         with removed_on_failure(os.path.dirname(os.path.abspath(args.output_prefix))):
             stats = preprocess.preprocess_documents(
-                preprocess.iter_documents(args.input, args.json_key, args.txt_mode),
+                preprocess.iter_documents(args.input, args.json_key, args.txt_mode, args.errors),
                 args.output_prefix,
                 args.tokenizer_model,
                 tokenizer_type=tokenizer_type,
@@ -72,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                 progress=progress,
                 total=total,
             )
+    replacements = f", {replaced} invalid UTF-8 sequences replaced with U+FFFD" if args.errors == "replace" else ""
     print(
         f"wrote {args.output_prefix}.bin/.idx: {stats.documents} documents, {stats.tokens} tokens "
         f"(max id {stats.max_token_id} < vocab {stats.vocab_size}), {stats.skipped_empty} empty "
-        f"skipped, {stats.seconds:.1f} s"
+        f"skipped, {stats.seconds:.1f} s{replacements}"
     )
     return 0

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl input")
     parser.add_argument("--txt-mode", choices=preprocess.TXT_MODES, default="file",
                         help="a .txt file is one document, or one per paragraph / line")
+    parser.add_argument("--errors", choices=preprocess.ERRORS, default="strict",
+                        help="invalid UTF-8 in the input: refuse it (default), or replace it with U+FFFD")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--num-threads", type=int, default=1,
                         help="sentencepiece threads (recorded in the model file)")
@@ -47,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     with one_line_errors(parser.prog):
-        if args.input:
-            preprocess.check_input_files(args.input, args.json_key)
+        replaced = preprocess.check_input_files(args.input, args.json_key, args.errors) if args.input else 0
         if args.vocab_size < tokenizer.MIN_VOCAB_SIZE:
             raise tokenizer.TokenizerError(
                 f"--vocab-size {args.vocab_size} is too small; byte-fallback BPE needs at least "
@@ -66,12 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         documents = (
             corpus.builtin_corpus_text() if args.builtin_corpus
-            else preprocess.iter_documents(args.input, args.json_key, args.txt_mode)
+            else preprocess.iter_documents(args.input, args.json_key, args.txt_mode, args.errors)
         )
         with removed_on_failure(parent):
             model = tokenizer.train_tokenizer(
                 documents, args.model_prefix, args.vocab_size, overwrite=args.overwrite,
                 seed=args.seed, num_threads=args.num_threads,
             )
-    print(f"wrote {model} (vocab {args.vocab_size}) in {time.time() - start:.1f} s")
+    replacements = f", {replaced} invalid UTF-8 sequences replaced with U+FFFD" if args.errors == "replace" else ""
+    print(f"wrote {model} (vocab {args.vocab_size}) in {time.time() - start:.1f} s{replacements}")
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_moh.checkpoint import CheckpointError, find_checkpoint, first_line, read_common_state
+from megatron_moh.checkpoint import CheckpointError, find_checkpoint, first_line, read_common_state, verify_checkpoint
 
 
 @contextlib.contextmanager
@@ -99,8 +99,10 @@ def build_model(args: argparse.Namespace, meta: bool = False) -> torch.nn.Module
 def checkpoint_model(load_dir: str | os.PathLike, meta: bool = False) -> tuple[Path, argparse.Namespace,
                                                                                torch.nn.Module, dict]:
     """(path of ``load_dir``'s current checkpoint, the saving run's arguments, the TP=1/PP=1 model
-    they describe, built as `build_model` builds it, and its sharded state dict for that checkpoint)."""
+    they describe, built as `build_model` builds it, and its sharded state dict for that checkpoint);
+    the model's data is verified against its checksums first, so damage is refused, never converted."""
     _, path = find_checkpoint(load_dir)
+    verify_checkpoint(path, optimizer=False)
     state = read_common_state(path)
     saved = state.get("args")
     if saved is None:
@@ -112,7 +114,8 @@ def checkpoint_model(load_dir: str | os.PathLike, meta: bool = False) -> tuple[P
 def load_model(load_dir: str | os.PathLike) -> tuple[torch.nn.Module, argparse.Namespace]:
     """The model of ``load_dir``'s current checkpoint, saved at any TP/PP/VPP, as one TP=1/PP=1
     GPTModel in this process (megatron's distributed checkpointing reshards), and the saving run's
-    arguments. Needs `single_process_group` (or an equivalent one-rank group)."""
+    arguments; the model's data is verified against its checksums first. Needs `single_process_group`
+    (or an equivalent one-rank group)."""
     from megatron.core import dist_checkpointing
 
     path, saved, model, sharded = checkpoint_model(load_dir)

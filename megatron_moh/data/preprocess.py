@@ -13,6 +13,7 @@ re-import this module, start without the ~8 s megatron import.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import itertools
 import json
@@ -37,12 +38,21 @@ logger = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".json")
 TXT_MODES = ("file", "paragraph", "line")
+ERRORS = ("strict", "replace")  # invalid UTF-8 in the input: refuse it, or replace it with U+FFFD
 
 
-def check_input_files(paths: Sequence[str], json_key: str = "text") -> None:
-    """Fail with one line, before any work, if an input is missing or unreadable as documents."""
+def check_input_files(paths: Sequence[str], json_key: str = "text", errors: str = "strict") -> int:
+    """Fail with one line, before any work, if an input is missing or unreadable as documents.
+
+    Every input is read once: with ``errors="strict"`` invalid UTF-8 anywhere is refused, naming
+    the file, line and byte; with ``"replace"`` the invalid sequences are counted, and the count
+    (what `iter_documents` will replace with U+FFFD) is returned.
+    """
     if not paths:
         raise DataError("no input files given; pass --input FILE [FILE ...] (.txt or .jsonl)")
+    if errors not in ERRORS:
+        raise DataError(f"errors={errors!r} is unknown; use one of {', '.join(ERRORS)}")
+    replaced = 0
     for path in paths:
         if not os.path.exists(path):
             raise DataError(f"input {path} does not exist; check the --input path")
@@ -51,24 +61,51 @@ def check_input_files(paths: Sequence[str], json_key: str = "text") -> None:
                 f"input {path} is a directory; pass the files inside it (e.g. {path}/*.jsonl)"
             )
         kind = _input_kind(path)
-        _check_text(path)
+        replaced += _check_text(path, errors)
         if kind == "jsonl":
-            _check_jsonl_head(path, json_key)
+            _check_jsonl_head(path, json_key, errors)
+    return replaced
 
 
-def _check_text(path: str, probe: int = 1 << 16) -> None:
-    """The file starts as UTF-8 text: a binary file named .txt would otherwise be tokenized."""
+def _check_text(path: str, errors: str, probe: int = 1 << 16) -> int:
+    """The file is UTF-8 text (a binary file named .txt would otherwise be tokenized); returns
+    how many invalid sequences ``errors="replace"`` will replace."""
+    invalid = 0
+    for line, offset, byte in _invalid_utf8(path):
+        if errors == "strict":
+            raise DataError(f"input {path}:{line} is not UTF-8 text (byte {offset} of the file is "
+                            f"0x{byte:02x}): convert it to UTF-8, or pass --errors replace to replace "
+                            f"invalid bytes with U+FFFD (counted in the summary)")
+        invalid += 1
     with open(path, "rb") as handle:
-        head = handle.read(probe)
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if err.start < len(head) - 3:  # not just a character cut at the end of the probe
-            raise DataError(f"input {path} is not UTF-8 text (byte {err.start} is not): pass text or "
-                            f"JSON-lines files") from None
-        text = head[: err.start].decode("utf-8")
-    if "\x00" in text:
-        raise DataError(f"input {path} holds NUL bytes, so it is binary, not text: pass text or JSON-lines files")
+        if b"\x00" in handle.read(probe):
+            raise DataError(f"input {path} holds NUL bytes, so it is binary, not text: pass text or "
+                            f"JSON-lines files")
+    return invalid
+
+
+def _invalid_utf8(path: str, block: int = 1 << 20) -> Iterator[tuple[int, int, int]]:
+    """(line, byte offset, first byte) of each invalid UTF-8 sequence in ``path``, read in blocks
+    of ``block`` bytes; each is one U+FFFD when decoded with ``errors="replace"``."""
+    data, base, newlines = b"", 0, 0  # unread bytes, their offset in the file, newlines before them
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(block)
+            data += chunk
+            done = 0
+            while True:
+                try:
+                    done += codecs.utf_8_decode(memoryview(data)[done:], "strict", not chunk)[1]
+                    break
+                except UnicodeDecodeError as err:
+                    bad = done + err.start
+                    yield newlines + data.count(b"\n", 0, bad) + 1, base + bad, data[bad]
+                    done = bad + err.end - err.start
+            newlines += data.count(b"\n", 0, done)
+            base += done
+            data = data[done:]
+            if not chunk:
+                return
 
 
 def _input_kind(path: str) -> str:
@@ -83,8 +120,8 @@ def _input_kind(path: str) -> str:
     )
 
 
-def _check_jsonl_head(path: str, json_key: str) -> None:
-    with open(path, encoding="utf-8") as handle:
+def _check_jsonl_head(path: str, json_key: str, errors: str) -> None:
+    with open(path, encoding="utf-8", errors=errors) as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 _json_text(line, json_key, path, number)
@@ -114,23 +151,24 @@ def _json_text(line: str, json_key: str, path: str, number: int) -> str:
 
 
 def iter_documents(
-    paths: Sequence[str], json_key: str = "text", txt_mode: str = "file"
+    paths: Sequence[str], json_key: str = "text", txt_mode: str = "file", errors: str = "strict"
 ) -> Iterator[str]:
     """Yield documents from .jsonl (one per line, field `json_key`) and text files.
 
     A text file is one document (`txt_mode` ``"file"``), or one per blank-line-separated
-    paragraph (``"paragraph"``) or per non-empty line (``"line"``).
+    paragraph (``"paragraph"``) or per non-empty line (``"line"``). ``errors``: what to do with
+    invalid UTF-8, as in `bytes.decode` (`check_input_files` refuses or counts it up front).
     """
     if txt_mode not in TXT_MODES:
         raise DataError(f"txt_mode={txt_mode!r} is unknown; use one of {', '.join(TXT_MODES)}")
     for path in paths:
         if _input_kind(path) == "jsonl":
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8", errors=errors) as handle:
                 for number, line in enumerate(handle, 1):
                     if line.strip():
                         yield _json_text(line, json_key, path, number)
             continue
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        with open(path, encoding="utf-8", errors=errors) as handle:
             if txt_mode == "file":
                 yield handle.read()
             elif txt_mode == "line":
@@ -308,7 +346,7 @@ def _progress(items: Iterable[Any], enabled: bool, total: int | None) -> Iterabl
 # legacy=False) or the Hugging Face tokenizer's ``__call__`` (megatron's HuggingFaceTokenizer with
 # special tokens included, its default). This keeps the ~8 s megatron import out of every worker;
 # tests/unit/test_data_tools.py checks the equality for both kinds.
-_WORKER_ENCODE: Callable[[list[str]], list[list[int]]] | None = None
+_WORKER_ENCODE: Callable[[list[str]], list[numpy.ndarray]] | None = None
 
 
 def _init_worker(tokenizer: tuple[str, str]) -> None:
@@ -318,12 +356,12 @@ def _init_worker(tokenizer: tuple[str, str]) -> None:
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(path)
-        _WORKER_ENCODE = lambda texts: hf(texts).input_ids  # noqa: E731 - batched in the Rust library
+        _WORKER_ENCODE = lambda texts: tok.encode_hf_in_pieces(hf, texts)  # noqa: E731
     else:
         import sentencepiece as spm
 
         processor = spm.SentencePieceProcessor(model_file=path)
-        _WORKER_ENCODE = lambda texts: processor.encode_as_ids(texts)  # noqa: E731
+        _WORKER_ENCODE = lambda texts: [tok.encode_in_pieces(processor, text) for text in texts]  # noqa: E731
 
 
 def _encode_batch(texts: list[str]) -> list[numpy.ndarray | None]:
@@ -332,7 +370,7 @@ def _encode_batch(texts: list[str]) -> list[numpy.ndarray | None]:
     out: list[numpy.ndarray | None] = [None] * len(texts)
     for i in kept:
         ids = next(encoded)
-        out[i] = numpy.asarray(ids, dtype=numpy.int32) if ids else None
+        out[i] = ids if len(ids) else None
     return out
 
 

@@ -18,12 +18,21 @@
   queue served by a spawned ``multiprocessing`` manager process. That process sits in the rank's
   process group, so the SIGTERM a scheduler sends to every process of a job (and torchrun
   forwards with ``killpg``) killed it, and the save ``--exit-signal-handler`` starts on that very
-  signal died with BrokenPipeError. Here the manager ignores SIGTERM and SIGINT and exits when
-  the rank that started it dies (after ``kill -9`` it stayed alive forever, ~1 GB each).
+  signal died with BrokenPipeError. Here the manager ignores SIGTERM and SIGINT from its first
+  instruction (it starts with them blocked, and ignores them before it unblocks them) and exits
+  when the rank that started it dies (after ``kill -9`` it stayed alive forever, ~1 GB each).
+  `start_writer_helper` starts it at start-up, so that no save, the first included, waits for it
+  (megatron started it in the first save, where a signal caught it half-started).
+* **A full disk is named**: megatron's writer reports a full disk as "Worker failure" (torch.save's
+  zip writer as "unexpected pos"); `dist_checkpointing.save` raises OSError ENOSPC with the
+  checkpoint's path instead. Before a training save, the disk must have room for a checkpoint the
+  size of the last one (`megatron_moh.save_dir`), and a save that fails on a full disk anyway ends
+  the run with `DiskFull`, one line. The previous checkpoint stays the tracker's, intact.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import os
@@ -180,12 +189,29 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
+_SHELTERED = {signal.SIGTERM, signal.SIGINT}
+
+
 def shelter_helper(parent: int) -> None:
     """Initializer of a helper process: outlive the job's SIGTERM/SIGINT (the rank decides when
-    to stop, and shuts its helpers down itself), but not the rank ``parent`` that started it."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    to stop, and shuts its helpers down itself), but not the rank ``parent`` that started it. The
+    helper starts with them blocked (`_sheltered_start`); one that came meanwhile is dropped."""
+    for sig in _SHELTERED:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SHELTERED)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
+
+
+def _sheltered_start(manager: Any) -> None:
+    """Start ``manager``'s process with SIGTERM/SIGINT blocked from its first instruction until its
+    initializer ignores them: a signal to the job while the helper imports would kill it. Here they
+    only wait: the blocked mask is inherited by the child, and this thread's signals are delivered
+    once it has started."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SHELTERED)
+    try:
+        manager.start(initializer=shelter_helper, initargs=(os.getpid(),))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _sheltered_queue(get_write_results_queue: Any) -> Any:
@@ -197,11 +223,19 @@ def _sheltered_queue(get_write_results_queue: Any) -> Any:
             from multiprocessing.managers import SyncManager
 
             manager = SyncManager(ctx=filesystem_async.mp.get_context(mp_mode))
-            manager.start(initializer=shelter_helper, initargs=(os.getpid(),))
+            _sheltered_start(manager)
             filesystem_async._results_queue = manager.Queue()  # what the original creates and returns
         return get_write_results_queue(mp_mode)
 
     return get_write_results_queue_sheltered
+
+
+def start_writer_helper() -> None:
+    """Start the torch_dist writer's helper process now, at start-up, rather than in the first save
+    (idempotent; needs `install`)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async.get_write_results_queue()
 
 
 def _install_sheltered_writer() -> None:
@@ -211,9 +245,81 @@ def _install_sheltered_writer() -> None:
          why="the checkpoint writer's manager process survives the job's SIGTERM and dies with its rank")
 
 
+class DiskFull(OSError):
+    """A checkpoint did not fit on the disk of ``--save``; the message (one line) says what to do."""
+
+
+def _full_disk_named(save: Any) -> Any:
+    @functools.wraps(save)
+    def save_naming_a_full_disk(sharded_state_dict, checkpoint_dir, *args: Any, **kwargs: Any):
+        from megatron_moh.outputs import ran_out_of_space
+
+        try:
+            return save(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+        except BaseException as err:  # torch's CheckpointException is a BaseException
+            if isinstance(err, (KeyboardInterrupt, SystemExit)) or not ran_out_of_space(err, checkpoint_dir):
+                raise
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(checkpoint_dir)) from err
+
+    return save_naming_a_full_disk
+
+
+def _on_any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank: all of them decide alike, so that none waits in a save
+    that the others skip."""
+    from megatron_moh import platform
+
+    found = torch.tensor([int(flag)], device=platform.device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+    return bool(found.item())
+
+
+def _room_checked(save_checkpoint: Any) -> Any:
+    @functools.wraps(save_checkpoint)
+    def save_checkpoint_with_room(iteration, *args: Any, **kwargs: Any):
+        from megatron.training import get_args
+
+        from megatron_moh import outputs, save_dir
+
+        run = get_args()
+        if kwargs.get("non_persistent_ckpt") or run.save is None:
+            return save_checkpoint(iteration, *args, **kwargs)
+        problem = None
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # one look at the disk
+            problem = save_dir.room_problem(run.save, f"the checkpoint of iteration {iteration}",
+                                            save_dir.newest_checkpoint(run.save, run.load))
+        if _on_any_rank(problem is not None):
+            raise DiskFull(errno.ENOSPC, problem or f"no space left on device: rank 0 found --save {run.save} too "
+                                                    f"full for the checkpoint of iteration {iteration}")
+        try:
+            return save_checkpoint(iteration, *args, **kwargs)
+        except OSError as err:
+            if err.errno not in outputs.FULL:
+                raise
+            last = save_dir.newest_checkpoint(run.save)
+            kept = f"the last checkpoint, {last.name}, is intact" if last else "no checkpoint was saved"
+            raise DiskFull(errno.ENOSPC, f"{outputs.no_space(run.save)}: the checkpoint of iteration {iteration} "
+                                         f"did not fit in --save; {kept}: free space or choose another --save, "
+                                         f"then resume") from None
+
+    return save_checkpoint_with_room
+
+
+def _install_full_disk_checks() -> None:
+    from megatron.core import dist_checkpointing
+    from megatron.training import training
+
+    wrap(dist_checkpointing, "save", _full_disk_named, params=("sharded_state_dict", "checkpoint_dir"),
+         why="a save that fails on a full disk says so (megatron's writer reports only 'Worker failure')")
+    wrap(training, "save_checkpoint", _room_checked, params=("iteration", "model", "optimizer"),
+         why="a save checks for room first, and a full disk ends the run in one line")
+
+
 def install() -> None:
-    """Safe loading, exact distributed-optimizer resume and saves that survive the job's signals
-    (idempotent; call before the first checkpoint is read or written)."""
+    """Safe loading, exact distributed-optimizer resume, saves that survive the job's signals and
+    report a full disk (idempotent; call before the first checkpoint is read or written)."""
     _install_safe_loading()
     _install_distributed_optimizer_fixes()
     _install_sheltered_writer()
+    _install_full_disk_checks()

@@ -95,6 +95,67 @@ def stalled_save_worker(rank: int, world: int, argv: list[str], stall_iteration:
     return run_worker(rank, world, argv)
 
 
+FIRST_SAVE_MOMENTS = ("begins", "helper", "data", "metadata")
+
+
+def sigterm_in_first_save_worker(rank: int, world: int, argv: list[str], moment: str) -> dict[str, Any]:
+    """Launcher target: `run_worker` in a process group of its own, whose every process (this rank
+    and the checkpoint writer's helper) gets SIGTERM, as from SLURM or torchrun, once, at ``moment``
+    of the first save: as it ``begins``; when the writer asks for its ``helper`` process (and, if
+    that starts one, as soon as it has started); after the first ``data`` item is written; before
+    the ``metadata`` is written. The result says whether the signal was sent."""
+    import functools
+    import multiprocessing.process
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.training import training
+
+    from megatron_moh.patches import checkpointing
+
+    os.setpgrp()
+    checkpointing.install()  # the hooks below go around the project's patches
+    state = dict(saves=0, saving=False, asking=False, sent=False)
+
+    def signal_group() -> None:
+        if state["saving"] and state["saves"] == 1 and not state["sent"]:
+            state["sent"] = True
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+
+    def hook(owner, name, before=None, after=None):
+        original = getattr(owner, name)
+
+        @functools.wraps(original)  # megatron inspects some signatures
+        def hooked(*args, **kwargs):
+            if before:
+                before()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if after:
+                    after()
+
+        setattr(owner, name, hooked)
+
+    def save_begins():
+        state.update(saves=state["saves"] + 1, saving=True)
+        if moment == "begins":
+            signal_group()
+
+    def asking(flag):
+        state["asking"] = flag
+        if not flag and moment == "helper":
+            signal_group()  # no process started: signal once the helper is there
+
+    hook(training, "save_checkpoint", before=save_begins, after=lambda: state.update(saving=False))
+    hook(filesystem_async, "get_write_results_queue", before=lambda: asking(True), after=lambda: asking(False))
+    hook(multiprocessing.process.BaseProcess, "start",
+         after=lambda: state["asking"] and moment == "helper" and signal_group())
+    hook(filesystem_async, "_write_item", after=lambda: moment == "data" and signal_group())
+    hook(filesystem_async.FileSystemWriterAsync, "finish", before=lambda: moment == "metadata" and signal_group())
+    result = run_worker(rank, world, argv)
+    return dict(result, signalled=state["sent"])
+
+
 def kill_during_save(argv: list[str], stall_iteration: int, marker: str, timeout: float = 300) -> tuple[int, list]:
     """Run ``pretrain_moh.py argv`` in one forked rank, SIGKILL it once the save of
     ``stall_iteration`` has begun writing; return the process's exit code (-9) and the helper

@@ -6,13 +6,16 @@ with nothing new beside it. All cases run in one fresh process (tests/integratio
 The table is the place to add a case: (id, program, argv, exit code, words the message must hold).
 """
 
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_moh import tokenizer as tk
 from megatron_moh.data import corpus, preprocess
@@ -110,6 +113,17 @@ def cases(r: Path) -> list[tuple[str, str, list[str], int, list[str]]]:
         ("resume-other-schedule", PRETRAIN, [*RUN, "--load", ck, "--train-iters", "4"], 1,
          ["another learning-rate schedule", "--train-iters 2 -> 4", "--override-opt_param-scheduler"]),
         ("resume-other-lr", PRETRAIN, [*RUN, "--load", ck, "--lr", "2e-3"], 1, ["--lr 0.001 -> 0.002"]),
+        ("load-damaged-optimizer", PRETRAIN, [*RUN, "--load", f"{r}/ckpt-flipped"], 1,
+         [f"{r}/ckpt-flipped/iter_0000002/__0_0.distcp is damaged: optimizer.", "does not match the CRC-32 saved"]),
+        ("load-replaced-rows", PRETRAIN, [*RUN, "--load", f"{r}/ckpt-rows"], 1,
+         [f"{r}/ckpt-rows/iter_0000002/__0_0.distcp is damaged: embedding.word_embeddings.weight (its bytes ",
+          "does not match the CRC-32 saved with it (Bad CRC-32 for file 'archive/data/0')"]),
+        # pretrain_moh.py: the --save directory
+        ("save-held", PRETRAIN, [*RUN, "--save", f"{r}/held", "--save-interval", "2"], 1,
+         [f"--save {r}/held is in use by a run on host ", "wait for it to end, or choose another --save"]),
+        ("resume-onto-full-disk", PRETRAIN, [*RUN, "--load", f"{r}/full/ckpt", "--save", f"{r}/full/ckpt",
+                                             "--save-interval", "2"], 1,
+         [f"no space left on device: --save {r}/full/ckpt has ", "the next checkpoint needs about"]),
         # convert_checkpoint.py
         ("export-missing", CONVERT, ["export-hf", "--load", f"{r}/nowhere", "--out", f"{r}/hf"], 1, ["does not exist"]),
         ("export-existing", CONVERT, ["export-hf", "--load", ck, "--out", f"{r}/out-existing"], 1,
@@ -119,6 +133,8 @@ def cases(r: Path) -> list[tuple[str, str, list[str], int, list[str]]]:
         ("export-under-file", CONVERT, ["export-hf", "--load", ck, "--out", f"{r}/afile/hf"], 1, ["is a file"]),
         ("export-dense-routed", CONVERT, ["export-hf", "--load", ck, "--out", f"{r}/hf", "--dense"], 1,
          ["only a dense model exports as plain Llama"]),
+        ("export-damaged", CONVERT, ["export-hf", "--load", f"{r}/ckpt-rows", "--out", f"{r}/hf"], 1,
+         ["is damaged: embedding.word_embeddings.weight", "does not match the CRC-32"]),
         ("export-tokenizer", CONVERT, ["export-hf", "--load", ck, "--out", f"{r}/hf", "--tokenizer-model",
                                        f"{r}/none.model"], 1, ["--tokenizer-model", "does not exist"]),
         ("export-tokenizer-too-big", CONVERT, ["export-hf", "--load", ck, "--out", f"{r}/hf", "--tokenizer-model",
@@ -142,9 +158,17 @@ def cases(r: Path) -> list[tuple[str, str, list[str], int, list[str]]]:
         ("preprocess-missing", PREPROCESS, ["--input", f"{r}/none.txt", "--output-prefix", f"{d}/x",
                                             "--tokenizer-model", tok], 2, [f"input {r}/none.txt does not exist"]),
         ("preprocess-binary-txt", PREPROCESS, ["--input", f"{r}/binary.txt", "--output-prefix", f"{d}/x",
-                                               "--tokenizer-model", tok], 2, ["binary.txt is not UTF-8 text"]),
+                                               "--tokenizer-model", tok], 2,
+         [f"input {r}/binary.txt:2 is not UTF-8 text (byte 128 of the file is 0x80)"]),
         ("preprocess-binary-jsonl", PREPROCESS, ["--input", f"{r}/binary.jsonl", "--output-prefix", f"{d}/x",
-                                                 "--tokenizer-model", tok], 2, ["binary.jsonl is not UTF-8 text"]),
+                                                 "--tokenizer-model", tok], 2,
+         [f"input {r}/binary.jsonl:1 is not UTF-8 text (byte 0 of the file is 0x89)"]),
+        ("preprocess-invalid-utf8-late", PREPROCESS, ["--input", f"{r}/late.txt", "--output-prefix", f"{r}/new/x",
+                                                      "--tokenizer-model", tok], 2,
+         [f"input {r}/late.txt:3001 is not UTF-8 text (byte 132003 of the file is 0xe9)", "--errors replace"]),
+        ("preprocess-invalid-utf8-jsonl", PREPROCESS, ["--input", f"{r}/late.jsonl", "--output-prefix",
+                                                       f"{r}/new/x", "--tokenizer-model", tok], 2,
+         [f"input {r}/late.jsonl:1000 is not UTF-8 text"]),
         ("preprocess-key", PREPROCESS, ["--input", f"{r}/doc.jsonl", "--json-key", "body", "--output-prefix",
                                         f"{d}/x", "--tokenizer-model", tok], 2, ["no 'body' field"]),
         ("preprocess-existing", PREPROCESS, ["--input", f"{r}/doc.txt", "--output-prefix", f"{d}/good",
@@ -174,6 +198,10 @@ def cases(r: Path) -> list[tuple[str, str, list[str], int, list[str]]]:
          ["is a file"]),
         ("tokenizer-binary", TOKENIZER, ["--input", f"{r}/binary.txt", "--model-prefix", f"{r}/new/t"], 2,
          ["not UTF-8 text"]),
+        ("tokenizer-invalid-utf8-late", TOKENIZER, ["--input", f"{r}/late.txt", "--model-prefix", f"{r}/new/t"], 2,
+         [f"input {r}/late.txt:3001 is not UTF-8 text (byte 132003"]),
+        ("tokenizer-bad-json-late", TOKENIZER, ["--input", f"{r}/late-json.jsonl", "--model-prefix", f"{r}/new/t"], 2,
+         [f"{r}/late-json.jsonl:1000 is not valid JSON"]),
         ("tokenizer-usage", TOKENIZER, ["--model-prefix", f"{r}/new/t"], 2, ["one of the arguments"]),
     ]
 
@@ -204,8 +232,71 @@ def root(tmp_path_factory):
     binary = (data / "short.bin").read_bytes()
     (data / "short.bin").write_bytes(binary[:-10])
     launch(run_worker, 1, [*RUN, "--save", str(r / "ckpt"), "--save-interval", "2"], timeout=600)
+    filler = ("All work and no play makes Jack a dull boy.\n" * 3000).encode()  # 132 KB
+    (r / "late.txt").write_bytes(filler + b"caf\xe9\n")
+    lines = [json.dumps({"text": f"document {i}"}).encode() for i in range(1200)]
+    (r / "late.jsonl").write_bytes(b"\n".join([*lines[:999], b'{"text": "\xc3\x28"}', *lines[1000:]]) + b"\n")
+    (r / "late-json.jsonl").write_bytes(b"\n".join([*lines[:999], b'{"text": ', *lines[1000:]]) + b"\n")
+    _damaged_copy(r / "ckpt", r / "ckpt-flipped", "optimizer.", _flip_middle)
+    _damaged_copy(r / "ckpt", r / "ckpt-rows", "embedding.word_embeddings.weight", _replace_rows)
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(r / "held")], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=path))  # another run, alive, holding --save
+    assert holder.stdout.readline().strip() == "holding"
+    full = _small_disk(r / "full", "3m")  # room for less than one checkpoint beside the one it holds
+    if full:
+        shutil.copytree(r / "ckpt", r / "full" / "ckpt")
     _broken_llamas(r)
-    return r
+    yield r
+    holder.kill()
+    holder.wait()
+    if full:
+        subprocess.run(["umount", str(r / "full")], check=True)
+
+
+HOLD = """
+import sys, time
+from megatron_moh import save_dir
+with save_dir.held(sys.argv[1]):
+    print("holding", flush=True)
+    time.sleep(3600)
+"""
+
+
+def _small_disk(path: Path, size: str) -> bool:
+    """Mount a ``size`` tmpfs at ``path`` (root only); whether it worked."""
+    path.mkdir()
+    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                                capture_output=True).returncode == 0
+
+
+def _damaged_copy(src: Path, dst: Path, item_name: str, damage) -> None:
+    """A copy of the checkpoint ``src`` with the first data item whose name starts with
+    ``item_name`` damaged in place by ``damage(data, item)``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    shutil.copytree(src, dst)
+    iteration = dst / "iter_0000002"
+    storage = FileSystemReader(str(iteration)).read_metadata().storage_data
+    item = min((info for index, info in storage.items() if index.fqn.startswith(item_name)),
+               key=lambda info: (info.relative_path, info.offset))
+    file = iteration / item.relative_path
+    data = bytearray(file.read_bytes())
+    damage(data, item)
+    file.write_bytes(bytes(data))
+
+
+def _flip_middle(data: bytearray, item) -> None:
+    middle = item.offset + item.length // 2
+    data[middle:middle + 8] = bytes(255 - b for b in data[middle:middle + 8])
+
+
+def _replace_rows(data: bytearray, item) -> None:
+    """Every row of the embedding (512 x 64) replaced with finite random floats."""
+    tensor = torch.load(io.BytesIO(bytes(data[item.offset:item.offset + item.length])), weights_only=True)
+    rows = tensor.numpy().tobytes()
+    start = data.index(rows, item.offset)
+    data[start:start + len(rows)] = torch.rand_like(tensor).numpy().tobytes()
 
 
 def _broken_llamas(r: Path) -> None:
@@ -260,6 +351,8 @@ def test_bad_input_is_refused_in_one_line_before_any_work(case, results, root):
     case_id, prog, _, code, words = next(c for c in cases(root) if c[0] == case[0])
     got = results[case_id]
     message = got["stderr"].strip()
+    if case_id == "resume-onto-full-disk" and not (root / "full" / "ckpt").exists():
+        pytest.skip("needs root, to mount a small tmpfs")
     assert got["code"] == code, got
     assert "\n" not in message and message.startswith(prog) and ": error: " in message, message  # prog [command]
     assert "Traceback" not in got["stderr"]

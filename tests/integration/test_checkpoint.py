@@ -18,7 +18,12 @@ import torch
 
 from megatron_moh import checkpoint
 from tests.helpers import assert_one_line_refusal
-from tests.integration.checkpoint_runner import kill_during_save, run_worker
+from tests.integration.checkpoint_runner import (
+    FIRST_SAVE_MOMENTS,
+    kill_during_save,
+    run_worker,
+    sigterm_in_first_save_worker,
+)
 from tests.integration.jobs import survivors
 from tests.integration.pretrain_runner import SMALL_MODEL, exit_message_worker
 from tests.launcher import launch
@@ -129,6 +134,22 @@ def test_preemption_and_time_limit_save_then_resume_exactly(stop, tmp_path, unin
     assert before + after == _losses(uninterrupted)
 
 
+@pytest.mark.parametrize("moment", FIRST_SAVE_MOMENTS)
+def test_sigterm_during_the_first_save_keeps_it_and_resumes_exactly(moment, tmp_path, uninterrupted):
+    """SIGTERM to every process of the run (as SLURM sends it and torchrun forwards it) during the
+    process's first save: that save completes, megatron saves the next iteration and exits, and the
+    resumed run continues exactly. The writer's helper once started in that save and died of it."""
+    root = tmp_path / "ckpt"
+    argv = [*MODEL, "--train-iters", str(ITERS), "--save", str(root), "--save-interval", "2", "--exit-signal-handler"]
+    first = launch(sigterm_in_first_save_worker, 1, argv, moment, timeout=600)[0]
+    assert first["signalled"] and first["code"] in (None, 0), first["err"][-3000:]
+    assert "exiting program after receiving SIGTERM" in first["out"]
+    assert checkpoint.verify_checkpoint(root / "iter_0000002") > 0  # the first save: complete and whole
+    assert checkpoint.find_checkpoint(root) == (3, root / "iter_0000003")
+    resumed = _run(1, "--load", str(root))
+    assert _losses([first]) + _losses(resumed) == _losses(uninterrupted)
+
+
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, uninterrupted):
     marker = tmp_path / "writing"
     root = tmp_path / "ckpt"
@@ -149,6 +170,34 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, unin
     assert _losses(resumed) == [pair for pair in _losses(uninterrupted) if pair[0] >= 2]
     assert checkpoint.find_checkpoint(root) == (ITERS, root / f"iter_{ITERS:07d}")
     assert (partial / ".metadata").exists()
+
+
+def test_one_run_per_save_directory(tmp_path):
+    """Two runs on one --save would interleave their checkpoints: the second is refused in one line
+    naming the first (host, pid of its rank 0); once the first is killed with SIGKILL, its lock is
+    gone with it and a run resumes there."""
+    import signal
+    import socket
+
+    from tests.integration.jobs import LOADED, SAVED, Job
+
+    root = tmp_path / "ckpt"
+    argv = [*MODEL, "--train-iters", "1000", "--save", str(root), "--save-interval", "2"]
+    first = Job(1, argv, tmp_path / "first.log")
+    try:
+        first.wait_for(r"successfully saved checkpoint from iteration\s+2 ", timeout=300)
+        rank0 = next(p for p in first.tree() if "pretrain_moh.py" in " ".join(p.cmdline()) and p != first.launcher)
+        message = _refusal("--save", str(root), "--save-interval", "2")
+        assert message.startswith(f"pretrain_moh.py: error: --save {root} is in use by a run on host "
+                                  f"{socket.gethostname()} (pid {rank0.pid}, since ")
+        first.signal_every_process(signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        first.stop()
+    saved = int(SAVED.findall(first.text())[-1])
+    resumed = launch(run_worker, 1, [*argv, "--load", str(root), "--exit-interval", str(saved + 1)], timeout=600)[0]
+    assert resumed["code"] in (None, 0), resumed["err"][-3000:]
+    assert LOADED.findall(resumed["out"]) == [str(saved)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -360,6 +360,102 @@ def test_train_tokenizer_cli(jsonl_input, tmp_path, capsys):
     assert "too small" in capsys.readouterr().err
 
 
+# --- text that must not change silently ---------------------------------------------------
+
+FILLER = ("All work and no play makes Jack a dull boy.\n" * 3000).encode()  # 132 KB of valid text
+
+
+@pytest.fixture
+def invalid_utf8(tmp_path) -> dict[str, tuple[Path, int, int]]:
+    """Files with invalid UTF-8 past the first 64 KB -> (file, line, byte offset) of the first."""
+    txt = tmp_path / "late.txt"
+    txt.write_bytes(FILLER + b"caf\xe9 au lait\n" + FILLER + b"\xff\xfe end\n")
+    lines = [json.dumps({"text": f"document {i}"}).encode() for i in range(1500)]
+    lines[999] = b'{"text": "bad \xc3\x28 here"}'
+    jsonl = tmp_path / "late.jsonl"
+    jsonl.write_bytes(b"\n".join(lines) + b"\n")
+    return {"txt": (txt, 3001, len(FILLER) + 3),
+            "jsonl": (jsonl, 1000, len(b"\n".join(lines[:999])) + 1 + len(b'{"text": "bad '))}
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_invalid_utf8_anywhere_is_refused_naming_file_line_and_byte(kind, invalid_utf8, model_400, tmp_path,
+                                                                    capsys):
+    path, line, offset = invalid_utf8[kind]
+    argv = ["--input", str(path), "--output-prefix", str(tmp_path / "out" / "x"), "--tokenizer-model", model_400]
+    assert _exit_code(preprocess_data.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"preprocess_data.py: error: input {path}:{line} is not UTF-8 text (byte {offset} ")
+    assert "--errors replace" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+    assert _exit_code(train_tokenizer.main, ["--input", str(path), "--model-prefix", str(tmp_path / "t")]) == 2
+    assert f"{path}:{line} is not UTF-8 text" in capsys.readouterr().err
+    assert not list(tmp_path.glob("t.*"))
+
+
+def test_errors_replace_stores_u_fffd_and_counts_it(invalid_utf8, model_400, tokenizer_400, tmp_path, capsys):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    path = invalid_utf8["txt"][0]
+    prefix = tmp_path / "replaced"
+    argv = ["--input", str(path), "--output-prefix", str(prefix), "--tokenizer-model", model_400, "--no-progress",
+            "--errors", "replace"]
+    assert preprocess_data.main(argv) == 0
+    assert capsys.readouterr().out.strip().endswith(", 3 invalid UTF-8 sequences replaced with U+FFFD")
+    dataset = IndexedDataset(str(prefix))
+    expected = path.read_bytes().decode("utf-8", errors="replace")
+    assert expected.count("\ufffd") == 3
+    assert tokenizer_400.detokenize(dataset[0].tolist()[:-1]) == expected
+
+
+def test_long_texts_encode_in_pieces_to_the_same_ids(model_400, small_docs, monkeypatch):
+    """sentencepiece needs ~50 bytes per character of what it encodes at once: a long document goes
+    through it in pieces, cut at spaces, with the ids of the whole."""
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=model_400)
+    text = "\n\n".join(small_docs)
+    whole = processor.encode_as_ids(text)
+    longest = []
+    encode = spm.SentencePieceProcessor.encode_as_ids
+    monkeypatch.setattr(spm.SentencePieceProcessor, "encode_as_ids",
+                        lambda self, piece: longest.append(len(piece)) or encode(self, piece))
+    assert tk.encode_in_pieces(processor, text, limit=300).tolist() == whole
+    assert len(longest) > len(text) / 300 and max(longest) <= 300
+    # Without a space to cut at, the text still decodes to itself.
+    blob = "x" * 1000 + "\u00e9\u6771" * 700 + " tail"
+    assert processor.decode(tk.encode_in_pieces(processor, blob, limit=256).tolist()) == blob
+    # preprocessing encodes through it
+    monkeypatch.setattr(tk, "ENCODE_PIECE_CHARS", 300)
+    preprocess._init_worker(model_400)
+    longest.clear()
+    assert preprocess._encode(text).tolist() == whole and max(longest) <= 300
+
+
+def test_lines_over_sentencepiece_limit_are_trained_on(small_docs, tmp_path, monkeypatch):
+    """sentencepiece skips lines over 16,384 bytes without a word: they go to it in pieces cut at
+    spaces, from which it learns the words it would learn from the whole line."""
+    long_line = " ".join(f"Zebrafish{i % 7} quokka{i % 5} axolotl" for i in range(1000))  # 31 KB
+    assert len(long_line.encode()) > 16384
+    docs = small_docs[:100]
+
+    def pieces(name, documents, vocab_size=400):
+        model = tk.train_tokenizer(documents, str(tmp_path / name), vocab_size)
+        import sentencepiece as spm
+
+        processor = spm.SentencePieceProcessor(model_file=model)
+        return [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+
+    without = pieces("without", docs)
+    split = pieces("split", [*docs, long_line])
+    assert split != without and "▁quokka" in dict(split)
+    monkeypatch.setattr(tk, "_MAX_LINE_BYTES", 1 << 20)  # sentencepiece takes the line whole
+    assert pieces("whole", [*docs, long_line]) == split
+    monkeypatch.undo()
+    # Only long lines: trained on (sentencepiece alone stopped with `!sentences_.empty()`).
+    assert "▁quokka" in dict(pieces("only-long", [long_line, "x" * 20000], vocab_size=340))
+
+
 # --- blends and validation ------------------------------------------------------------------
 
 

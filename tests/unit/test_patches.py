@@ -37,6 +37,8 @@ CHECKPOINTING = [
     "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict",
     "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states",
     "megatron.core.dist_checkpointing.strategies.filesystem_async.get_write_results_queue",
+    "megatron.core.dist_checkpointing.save",
+    "megatron.training.training.save_checkpoint",
 ]
 METRICS = ["megatron.training.training.training_log", "megatron.training.training.num_floating_point_operations"]
 EVERY_TARGET = CPU + MEGATRON_TRAINING + CHECKPOINTING + METRICS
