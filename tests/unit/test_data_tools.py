@@ -320,6 +320,26 @@ def test_preprocess_with_a_huggingface_tokenizer(hf_tok, jsonl_input, model_400,
         validation.validate_data([str(prefix)], tk.load_tokenizer(model_400))
 
 
+def test_long_documents_through_a_huggingface_tokenizer(hf_tok, model_400):
+    """Documents longer than the piece limit encode in pieces cut before words with the whole document's ids
+    (byte-level BPE, Llama-3's template); a tokenizer for which pieces would change the ids is refused."""
+    import inspect
+
+    from transformers import AutoTokenizer
+
+    from megatron_moh.conversion.hf_tokenizer import sentencepiece_as_hf
+
+    text = inspect.getsource(inspect)  # ~130,000 characters of code and prose
+    llama3 = AutoTokenizer.from_pretrained(hf_tok)
+    pieces, short = tk.encode_hf_in_pieces(llama3, [text, "a short one"], limit=3000)
+    assert pieces.tolist() == llama3(text).input_ids and pieces[0] == LLAMA3_BOS
+    assert short.tolist() == llama3("a short one").input_ids
+    spm_style = sentencepiece_as_hf(model_400)  # sentencepiece's dummy prefix: a cut would add a space
+    assert tk.encode_hf_in_pieces(spm_style, [text[:2000]], limit=3000)[0].tolist() == spm_style(text[:2000]).input_ids
+    with pytest.raises(tk.TokenizerError, match="longer than 3,000, and this tokenizer cannot encode it in pieces"):
+        tk.encode_hf_in_pieces(spm_style, [text], limit=3000)
+
+
 def test_huggingface_tokenizer_refusals_are_one_line(hf_tok, jsonl_input, model_400, tmp_path, capsys):
     path, _ = jsonl_input
     neither = tmp_path / "neither"
@@ -427,9 +447,9 @@ def test_long_texts_encode_in_pieces_to_the_same_ids(model_400, small_docs, monk
     assert processor.decode(tk.encode_in_pieces(processor, blob, limit=256).tolist()) == blob
     # preprocessing encodes through it
     monkeypatch.setattr(tk, "ENCODE_PIECE_CHARS", 300)
-    preprocess._init_worker(model_400)
+    preprocess._init_worker((tk.MEGATRON_TOKENIZER_TYPE, model_400))
     longest.clear()
-    assert preprocess._encode(text).tolist() == whole and max(longest) <= 300
+    assert preprocess._encode_batch([text])[0].tolist() == whole and max(longest) <= 300
 
 
 def test_lines_over_sentencepiece_limit_are_trained_on(small_docs, tmp_path, monkeypatch):
