@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from queue import Queue
@@ -97,7 +98,14 @@ def _producing_strategy(pieces: _Pieces) -> Any:
             for i, items in enumerate(files.values()):
                 name = f"{plan.storage_data.prefix}{i}.distcp"
                 queue.put((self.fs.concat_path(self.path, name), name, items))
-            return self._write_data(planner, queue)
+            try:
+                return self._write_data(planner, queue)
+            except BaseException as err:
+                # A failed write (a full disk) leaves a memoryview of an object's BytesIO in these
+                # frames; Python 3.12.1's garbage collector can free the BytesIO first and crash at
+                # exit. Clearing the frames releases the view now, in order.
+                traceback.clear_frames(err.__traceback__)
+                raise
 
     class Strategy(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict: dict, checkpoint_dir: Path) -> None:
