@@ -179,7 +179,7 @@ def parse_args(argv=None):
     p.add_argument("--phases", nargs="+", choices=("prefill", "decode"), default=["prefill", "decode"])
     p.add_argument("--caches", nargs="+", choices=("dynamic", "static"), default=["dynamic", "static"])
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=2816)
     p.add_argument("--heads", type=int, default=16)

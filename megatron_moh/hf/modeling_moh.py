@@ -261,7 +261,7 @@ class MoHLlamaAttention(LlamaAttention):
         num_kv = key.shape[1]
         group = heads // num_kv
         first = -(-self.num_shared // group)  # groups before it hold a shared head
-        out = query.new_zeros(batch, heads, length, dim)
+        out = query.new_empty(batch, heads, length, dim)
         if first:
             out[:, : first * group] = F.scaled_dot_product_attention(
                 query[:, : first * group], key[:, :first], value[:, :first], is_causal=True,
@@ -270,13 +270,16 @@ class MoHLlamaAttention(LlamaAttention):
         lanes = num_kv - first
         if lanes == 0:
             return out.transpose(1, 2)
+        out[:, first * group :] = 0
         blocks = -(-length // block)
         pad = blocks * block - length
         device = query.device
 
         def by_block(t: torch.Tensor, heads_per_lane: int) -> torch.Tensor:
-            """``[B, lanes * h, T, D]`` -> ``[B * lanes * blocks, h, block, D]``, zero-padded."""
-            t = F.pad(t, (0, 0, 0, pad)).view(batch, lanes, heads_per_lane, blocks, block, dim)
+            """``[B, lanes * h, T, D]`` -> ``[B * lanes * blocks, h, block, D]``, zero-padded (a view
+            where the layout allows)."""
+            t = F.pad(t, (0, 0, 0, pad)) if pad else t
+            t = t.reshape(batch, lanes, heads_per_lane, blocks, block, dim)
             return t.transpose(2, 3).reshape(batch * lanes * blocks, heads_per_lane, block, dim)
 
         q_blocks = by_block(query[:, first * group :], group)
