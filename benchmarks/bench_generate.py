@@ -25,12 +25,14 @@ threads). Both are in the JSON, with the load average before and after each grou
     .venv/bin/python benchmarks/bench_generate.py --quick      # 1k and 4k, MHA, batch 1, 1 thread
     .venv/bin/python benchmarks/bench_generate.py --contexts 4096 --kv-heads 16 --batches 1 \\
         --threads 1 --phases decode --caches static             # one cell
+    .venv/bin/python benchmarks/bench_generate.py --table benchmarks/results/bench_generate_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import platform as host
 import sys
@@ -163,6 +165,25 @@ def print_group(rows: list[dict]) -> None:
         print(f"  {row['setting']:<14} {what:<22} {value:10.3f}  vs llama {row['ratio']:.3f}", flush=True)
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """One line per (threads, context, kv heads, batch, phase, cache), one column per MoH setting:
+    the ratio against the Llama (prefill: time, lower is better; decode: tokens/s, higher is better)."""
+    settings = list(dict.fromkeys(row["setting"] for row in rows if row["setting"] != "llama"))
+    lines = ["| threads | context | KV heads | batch | measure | " + " | ".join(settings) + " | load |",
+             "|---:|---:|---:|---:|---|" + "---:|" * len(settings) + "---|"]
+    cells: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        key = (row["threads"], row["context"], row["kv_heads"], row["batch"], row["phase"], row["cache"])
+        cells.setdefault(key, {})[row["setting"]] = row
+    for (threads, context, kv_heads, batch, phase, cache), by_setting in cells.items():
+        measure = "prefill time" if phase == "prefill" else f"decode tok/s, {cache} cache"
+        load = by_setting["llama"]["load_start"][0], by_setting["llama"]["load_end"][0]
+        ratios = " | ".join(f"{by_setting[s]['ratio']:.2f}" if s in by_setting else "-" for s in settings)
+        lines.append(f"| {threads} | {context} | {kv_heads} | {batch} | {measure} | {ratios} | "
+                     f"{load[0]:.0f}-{load[1]:.0f} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
@@ -189,6 +210,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/)")
+    p.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                   help="print the markdown table of earlier runs' JSON files and exit")
     args = p.parse_args(argv)
     if args.quick:
         args.contexts, args.kv_heads, args.batches, args.threads = [1024, 4096], [16], [1], [1]
@@ -199,6 +222,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.table:
+        print(markdown_table([row for path in args.table for row in json.loads(path.read_text())["rows"]]))
+        return
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
@@ -219,6 +245,7 @@ def main(argv=None) -> None:
                       new_tokens=args.new_tokens, repeats=args.repeats),
         "layouts": {active: LAYOUTS[active](args.heads) for active in args.active}, "rows": rows,
     }, args.out)
+    print(markdown_table(rows))
     print(f"# wrote {out} in {time.monotonic() - start:.0f} s", flush=True)
 
 

@@ -11,9 +11,13 @@ per-token gate; keys and values are never gated, so the KV cache, generation, le
 every attention interface (eager, sdpa, ...) work unchanged. The gate math is the training
 code's (megatron_moh.router.gates_from_logits); the convention is in configuration_moh.
 
-With ``moh_attention_impl='sparse'`` (eager and sdpa interfaces) a routed head's attention is
-computed only for the query rows whose gate is nonzero, in prefill and in cached decoding, with the
-dense path's output (``MoHLlamaAttention.sparse_attend``).
+``moh_attention_impl``: ``'dense'`` runs the attention interface over every head; ``'sparse'``
+(eager and sdpa interfaces) skips what the router did not choose: a decoding step reads only the
+key/value groups its token chose (``MoHLlamaAttention.sparse_groups``), and a prompt computes a
+routed head's attention to earlier blocks only at the positions that chose it (``sparse_prompt``);
+``'auto'`` (the default) uses them where ``configuration_moh.SPARSE_CROSSOVERS`` measured them faster.
+Outputs equal the dense path's (fp32 within 1e-5). While torch.compile traces (compiled generation)
+every call is dense: the sparse paths plan on the host.
 """
 
 from __future__ import annotations
@@ -184,7 +188,8 @@ class MoHLlamaAttention(LlamaAttention):
         """Which head-sparse path runs this call, or None for the dense interface.
 
         ``'prompt'`` (:meth:`sparse_prompt`) for a causal prompt on CPU (no mask and no cache offset,
-        what the sdpa interface gets for an unpadded prefill); ``'groups'`` (:meth:`sparse_groups`)
+        what the sdpa interface gets for an unpadded prefill) without autograd (its merge goes through
+        log-sum-exps that torch's flash op gives no gradient); ``'groups'`` (:meth:`sparse_groups`)
         for any other call the eager and sdpa interfaces can take. ``moh_attention_impl='sparse'``
         always uses them; ``'auto'`` only where ``sparse_pays`` says they are faster (decoding steps
         on ``'groups'``, causal prompts on ``'prompt'``). Dense while torch.compile traces (the sparse
@@ -204,7 +209,7 @@ class MoHLlamaAttention(LlamaAttention):
             return None
         length, keys = query.shape[2], key.shape[2]
         prompt = (attention_mask is None and 1 < length == keys and query.device.type == "cpu"
-                  and _FLASH_CPU is not None)
+                  and _FLASH_CPU is not None and not (torch.is_grad_enabled() and query.requires_grad))
         if impl == "sparse":
             return "prompt" if prompt else "groups"
         phase = "decode" if length == 1 else "prefill"

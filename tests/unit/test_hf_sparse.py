@@ -146,10 +146,11 @@ def test_decoding_reads_only_the_chosen_heads(attn, cache, monkeypatch):
 
 
 def test_sparse_training_forward_and_backward_match_dense():
-    dense, sparse = _pair("learned-weighted-2stage", "sdpa", seed=7)
+    """Training through the sparse impl, with a sequence longer than a prompt block."""
+    dense, sparse = _pair("learned-weighted-2stage", "sdpa", seed=7, max_position_embeddings=512)
     dense.train()
     sparse.train()
-    ids = torch.randint(1, VOCAB, (2, 10))
+    ids = torch.randint(1, VOCAB, (2, 300))
     dense(ids, labels=ids).loss.backward()
     sparse(ids, labels=ids).loss.backward()
     grads = dict(dense.named_parameters())
