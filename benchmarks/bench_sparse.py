@@ -154,7 +154,7 @@ def auto_uses_sparse(seq, topk, args, device) -> bool:
     rule: configuration_moh.sparse_pays)."""
     routed = args.heads - args.shared
     skipped = skipped_attention("train", args.heads, args.groups, args.shared, topk / routed)
-    return sparse_pays(device.type, "train", seq, skipped)
+    return sparse_pays(device.type, "train", seq, skipped, torch.get_num_threads())
 
 
 def bench_config(seq, topk, args, device, dtype):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from megatron.core import tensor_parallel
@@ -123,7 +124,7 @@ class MoHSelfAttention(SelfAttention):
         impl = self.config.moh_attention_impl
         if impl != "auto":
             return impl == "sparse"
-        return sparse_pays(query.device.type, "train", query.shape[0], self.skipped)
+        return sparse_pays(query.device.type, "train", query.shape[0], self.skipped, torch.get_num_threads())
 
     def _dense_attention(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                          attention_bias: Tensor | None) -> Tensor:

@@ -39,10 +39,12 @@ MOH_ATTENTION_IMPLS = ("auto", "dense", "sparse")
 # Where the head-sparse paths beat computing every head, per (device type, phase): sparse from
 # ``min_tokens`` tokens (the sequence in training and prefill, the keys read in a decoding step) when
 # at least ``min_skipped`` of the attention work can be skipped (see ``skipped_attention``). Measured
-# on CPU (torch 2.14, fp32, 1 and 2 threads): training by benchmarks/bench_sparse.py (core attention,
-# forward+backward), prefill and decoding by benchmarks/bench_generate.py (whole models against a
-# plain Llama); the tables are in benchmarks/README.md. No GPU measurement yet, so CUDA stays dense
-# until the GPU check kit's runs of those two benchmarks give its rows.
+# on CPU with one torch thread (torch 2.14, fp32): training by benchmarks/bench_sparse.py (core
+# attention, forward+backward), prefill and decoding by benchmarks/bench_generate.py (whole models
+# against a plain Llama); the tables are in benchmarks/README.md. With several CPU threads the sparse
+# paths' many small kernels each wait for every thread, and on cores shared with other processes they
+# ran 1.2-4.7x slower than dense, so there auto stays dense. No GPU measurement yet, so CUDA stays
+# dense until the GPU check kit's runs of those two benchmarks give its rows.
 SPARSE_CROSSOVERS: dict[tuple[str, str], tuple[tuple[float, int], ...]] = {
     ("cpu", "train"): ((0.5, 1024), (0.25, 2048)),
     ("cpu", "prefill"): ((0.5, 2048), (0.25, 4096)),
@@ -69,8 +71,11 @@ def skipped_attention(phase: str, heads: int, kv_heads: int, shared: int, lane_d
     return routed_groups / kv_heads * (1 - lane_density) ** group
 
 
-def sparse_pays(device_type: str, phase: str, tokens: int, skipped: float) -> bool:
-    """Whether ``moh_attention_impl='auto'`` runs the head-sparse path (``SPARSE_CROSSOVERS``)."""
+def sparse_pays(device_type: str, phase: str, tokens: int, skipped: float, threads: int = 1) -> bool:
+    """Whether ``moh_attention_impl='auto'`` runs the head-sparse path (``SPARSE_CROSSOVERS``);
+    ``threads``: torch's CPU threads."""
+    if device_type == "cpu" and threads > 1:
+        return False
     rows = SPARSE_CROSSOVERS.get((device_type, phase), ())
     return any(skipped >= min_skipped and tokens >= min_tokens for min_skipped, min_tokens in rows)
 

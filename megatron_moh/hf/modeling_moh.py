@@ -215,7 +215,7 @@ class MoHLlamaAttention(LlamaAttention):
         phase = "decode" if length == 1 else "prefill"
         if phase == "prefill" and not prompt:
             return None
-        if sparse_pays(query.device.type, phase, keys, self.skipped[phase]):
+        if sparse_pays(query.device.type, phase, keys, self.skipped[phase], torch.get_num_threads()):
             return "prompt" if prompt else "groups"
         return None
 

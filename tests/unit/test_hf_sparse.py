@@ -259,6 +259,7 @@ def test_skipped_attention_and_crossovers():
     assert skipped_attention("decode", 16, 4, 8, 4 / 8) == 0.5 * 0.5 ** 4
     assert not sparse_pays("cpu", "decode", 512, 0.25) and sparse_pays("cpu", "decode", 4096, 0.25)
     assert not sparse_pays("cpu", "decode", 4096, 0.125)
+    assert not sparse_pays("cpu", "decode", 4096, 0.25, threads=2)  # measured slower with several threads
     assert not any(sparse_pays("cuda", phase, 1 << 20, 1.0) for phase in ("train", "prefill", "decode"))
 
 
@@ -281,11 +282,18 @@ def _attention(impl, kv_heads=16):
     ("sparse", 16, 8, 8, True, "groups"),
     ("dense", 16, 1, 4096, True, None),
 ])
-def test_path_per_call(impl, kv_heads, length, keys, masked, path):
+def test_path_per_call(impl, kv_heads, length, keys, masked, path, one_thread):
     attention = _attention(impl, kv_heads)
     query, key = torch.empty(1, 16, length, 16), torch.empty(1, kv_heads, keys, 16)
     mask = torch.ones(1, 1, length, keys, dtype=torch.bool) if masked else None
     assert attention.sparse_path(query, key, mask, {}) == path
+
+
+def test_auto_is_dense_with_several_threads(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    query, key = torch.empty(1, 16, 1, 16), torch.empty(1, 16, 4096, 16)
+    assert _attention("auto").sparse_path(query, key, None, {}) is None
+    assert _attention("sparse").sparse_path(query, key, None, {}) == "groups"
 
 
 def test_no_sparse_path_while_compiling(monkeypatch):
