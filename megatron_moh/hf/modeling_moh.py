@@ -235,18 +235,25 @@ class MoHLlamaAttention(LlamaAttention):
             attention_mask = attention_mask[..., :keys]
         used = (gates != 0).any(dim=1).view(batch, num_kv, group).any(dim=-1)
         out = query.new_zeros(batch, heads, length, value.shape[-1])
+        # One token with GQA: a group's query heads become the query rows of its key/value head (as
+        # transformers' sdpa interface does), faster than SDPA's enable_gqa with a mask.
+        pack = length == 1 and group > 1
         for b, flags in enumerate(used.tolist()):
             for first, end in _runs(flags):
                 a, z = first * group, end * group
+                q = query[b : b + 1, a:z]
                 mask = None
                 if attention_mask is not None:
                     mask = attention_mask[b : b + 1]
                     mask = mask[:, a:z] if mask.shape[1] > 1 else mask
-                out[b : b + 1, a:z] = F.scaled_dot_product_attention(
-                    query[b : b + 1, a:z], key[b : b + 1, first:end], value[b : b + 1, first:end],
-                    attn_mask=mask, is_causal=mask is None and length > 1, scale=self.scaling,
-                    enable_gqa=group > 1,
+                if pack:
+                    q = q.reshape(1, end - first, group, dim)
+                    mask = mask if mask is None or mask.shape[1] == 1 else mask.reshape(1, end - first, group, -1)
+                attended = F.scaled_dot_product_attention(
+                    q, key[b : b + 1, first:end], value[b : b + 1, first:end], attn_mask=mask,
+                    is_causal=mask is None and length > 1, scale=self.scaling, enable_gqa=group > 1 and not pack,
                 )
+                out[b : b + 1, a:z] = attended.reshape(1, z - a, length, -1)
         return out.transpose(1, 2)
 
     def sparse_prompt(self, query, key, value, gates, block: int = PROMPT_BLOCK) -> torch.Tensor:

@@ -249,6 +249,27 @@ def test_prompt_longer_than_a_block_equals_dense(kv_heads):
         torch.testing.assert_close(sparse(ids).logits, dense(ids).logits, **TOL)
 
 
+@pytest.mark.parametrize("per_head_mask", [False, True])
+@pytest.mark.parametrize("kv_heads", [8, 4, 2])
+def test_groups_path_equals_dense_attention(kv_heads, per_head_mask):
+    """sparse_groups for one token per sequence (GQA packs a group's heads as query rows) and for
+    several (enable_gqa), with a padding mask shared by the heads or one per head, against SDPA over
+    every head, on the heads with a nonzero gate."""
+    attention = modeling_moh.MoHLlamaAttention(
+        _config("learned-binary", "sdpa", "sparse", num_key_value_heads=kv_heads, moh_num_shared_heads=3,
+                moh_topk=2), layer_idx=0)
+    for length in (1, 5):
+        query, key, value, gates = _prompt_inputs(12, 3, 8, kv_heads, 23, 3, 2)
+        query, gates = query[:, :, -length:], gates[:, -length:]
+        mask = torch.rand(3, 8 if per_head_mask else 1, length, 23, generator=torch.Generator().manual_seed(13)) > 0.3
+        mask[..., -1] = True  # every row sees a key
+        out = attention.sparse_groups(query, key, value, mask, gates).transpose(1, 2)
+        dense = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                                 scale=attention.scaling, enable_gqa=True)
+        chosen = (gates != 0).transpose(1, 2)[..., None]
+        torch.testing.assert_close(out * chosen, dense * chosen, **TOL)
+
+
 def test_skipped_attention_and_crossovers():
     """The expected skipped share of each phase for the benchmarks' layouts, and auto's rule."""
     assert skipped_attention("prefill", 16, 16, 8, 4 / 8) == 0.25  # 75% active, default layout
