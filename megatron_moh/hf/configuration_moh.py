@@ -39,17 +39,19 @@ MOH_ATTENTION_IMPLS = ("auto", "dense", "sparse")
 # Where the head-sparse paths beat computing every head, per (device type, phase): sparse from
 # ``min_tokens`` tokens (the sequence in training and prefill, the keys read in a decoding step) when
 # at least ``min_skipped`` of the attention work can be skipped (see ``skipped_attention``). Measured
-# on CPU with one torch thread (torch 2.14, fp32): training by benchmarks/bench_sparse.py (core
-# attention, forward+backward), prefill and decoding by benchmarks/bench_generate.py (whole models
-# against a plain Llama); the tables are in benchmarks/README.md. With several CPU threads the sparse
-# paths' many small kernels each wait for every thread, and on cores shared with other processes they
-# ran 1.2-4.7x slower than dense, so there auto stays dense. No GPU measurement yet, so CUDA stays
-# dense until the GPU check kit's runs of those two benchmarks give its rows.
+# on CPU (torch 2.14, fp32): training by benchmarks/bench_sparse.py (core attention, forward+backward,
+# 1 and 2 threads), prefill and decoding by benchmarks/bench_generate.py (whole models against a plain
+# Llama); the tables are in benchmarks/README.md. No GPU measurement yet, so CUDA stays dense until the
+# GPU check kit's runs of those two benchmarks give its rows.
 SPARSE_CROSSOVERS: dict[tuple[str, str], tuple[tuple[float, int], ...]] = {
     ("cpu", "train"): ((0.5, 1024), (0.25, 2048)),
     ("cpu", "prefill"): ((0.5, 2048), (0.25, 4096)),
     ("cpu", "decode"): ((0.2, 1024),),
 }
+# Inference's sparse paths make many small calls (a decoding step: one per run of groups and sequence),
+# each a parallel region that waits for every CPU thread: with 2 threads on cores other processes also
+# used they lost to dense (0.15-0.8x its tokens/s), so on CPU they pay with one thread only.
+ONE_THREAD_PHASES = ("prefill", "decode")
 
 
 def skipped_attention(phase: str, heads: int, kv_heads: int, shared: int, lane_density: float) -> float:
@@ -72,9 +74,9 @@ def skipped_attention(phase: str, heads: int, kv_heads: int, shared: int, lane_d
 
 
 def sparse_pays(device_type: str, phase: str, tokens: int, skipped: float, threads: int = 1) -> bool:
-    """Whether ``moh_attention_impl='auto'`` runs the head-sparse path (``SPARSE_CROSSOVERS``);
-    ``threads``: torch's CPU threads."""
-    if device_type == "cpu" and threads > 1:
+    """Whether ``moh_attention_impl='auto'`` runs the head-sparse path (``SPARSE_CROSSOVERS``,
+    ``ONE_THREAD_PHASES``); ``threads``: torch's CPU threads."""
+    if device_type == "cpu" and threads > 1 and phase in ONE_THREAD_PHASES:
         return False
     rows = SPARSE_CROSSOVERS.get((device_type, phase), ())
     return any(skipped >= min_skipped and tokens >= min_tokens for min_skipped, min_tokens in rows)

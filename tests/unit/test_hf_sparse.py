@@ -281,6 +281,7 @@ def test_skipped_attention_and_crossovers():
     assert not sparse_pays("cpu", "decode", 512, 0.25) and sparse_pays("cpu", "decode", 4096, 0.25)
     assert not sparse_pays("cpu", "decode", 4096, 0.125)
     assert not sparse_pays("cpu", "decode", 4096, 0.25, threads=2)  # measured slower with several threads
+    assert sparse_pays("cpu", "train", 4096, 0.25, threads=2)
     assert not any(sparse_pays("cuda", phase, 1 << 20, 1.0) for phase in ("train", "prefill", "decode"))
 
 
