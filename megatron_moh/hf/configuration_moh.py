@@ -26,6 +26,7 @@ so that no future LlamaConfig field collides):
   ``--add-qkv-bias``. (Llama's own ``attention_bias`` biases o_proj too.)
 * ``moh_qk_norm``: a per-head RMSNorm (over ``head_dim``, weights ``self_attn.q_norm`` and
   ``self_attn.k_norm``) on queries and keys before RoPE, as Qwen3 and megatron's ``--qk-layernorm``.
+
 ``moh_attention_impl`` (``'auto'``, ``'dense'`` or ``'sparse'``) chooses how the heads a token did not
 choose are skipped; it changes speed, not outputs (see modeling_moh).
 """
