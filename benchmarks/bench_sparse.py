@@ -9,8 +9,10 @@ Dense baselines compute every head and then multiply by the gates (what the MoH 
 Sparse paths: ``plain`` is ``megatron_moh.sparse_attention.head_sparse_attention`` (the CPU path);
 ``flex`` is ``megatron_moh.flex_sparse_attention.flex_head_sparse_attention`` through
 ``torch.compile(flex_attention)`` (the CUDA path; on CPU the compiled kernel has no backward, so
-only its forward is timed there). Routing is uniform random top-k per token (what the
-load-balance loss aims for); ``--shared`` heads are always on.
+only its forward is timed there); ``auto`` is what ``--moh-attention-impl auto`` runs for the
+shape (one of the others, by configuration_moh.SPARSE_CROSSOVERS), also reported against the
+faster of ``plain`` and ``sdpa`` measured in the same rounds. Routing is uniform random top-k per
+token (what the load-balance loss aims for); ``--shared`` heads are always on.
 
 Timings are medians of ``--repeats`` runs after two warm-ups (the first compiles flex); the
 implementations take turns in every round so that load from other processes hits all alike.
@@ -46,7 +48,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_moh.flex_sparse_attention import flex_head_sparse_attention  # noqa: E402
+from megatron_moh.flex_sparse_attention import flex_available, flex_head_sparse_attention  # noqa: E402
+from megatron_moh.hf.configuration_moh import skipped_attention, sparse_pays  # noqa: E402
 from megatron_moh.sparse_attention import head_sparse_attention  # noqa: E402
 
 # Active fraction -> routed heads each token keeps, with 4 shared of 16 heads (4 + k of 12).
@@ -146,11 +149,23 @@ def peak_memory_mib(run: Callable[[], None], device) -> float | None:
     return max(sum(row) for row in sizes) / 2**20 if sizes else None
 
 
+def auto_uses_sparse(seq, topk, args, device) -> bool:
+    """Whether ``--moh-attention-impl auto`` runs the head-sparse core for this shape (the layer's
+    rule: configuration_moh.sparse_pays)."""
+    routed = args.heads - args.shared
+    skipped = skipped_attention("train", args.heads, args.groups, args.shared, topk / routed)
+    return sparse_pays(device.type, "train", seq, skipped, torch.get_num_threads())
+
+
 def bench_config(seq, topk, args, device, dtype):
     """Median times (s) and peak memory (MiB) of every implementation, fwd and fwd+bwd."""
     inputs, gates = make_inputs(seq, args, topk, device, dtype)
-    sparse = {"plain": lambda q, k, v, g: head_sparse_attention(q, k, v, g, args.shared),
-              "flex": lambda q, k, v, g: flex_head_sparse_attention(q, k, v, g, args.shared, topk)}
+    plain = lambda q, k, v, g: head_sparse_attention(q, k, v, g, args.shared)  # noqa: E731
+    flex = lambda q, k, v, g: flex_head_sparse_attention(q, k, v, g, args.shared, topk)  # noqa: E731
+    auto = dense_sdpa  # what the layer runs with auto: its sparse core (flex on CUDA) or dense
+    if auto_uses_sparse(seq, topk, args, device):
+        auto = flex if flex_available(device) else plain
+    sparse = {"plain": plain, "flex": flex, "auto": auto}
     sparse = {name: fn for name, fn in sparse.items() if name in args.impls}
     dense = {"dense_sdpa": dense_sdpa}
     if args.baddbmm and seq <= args.baddbmm_max_seq:
@@ -182,6 +197,12 @@ def bench_config(seq, topk, args, device, dtype):
                         result[f"{name}_{mode}_s"] / result[f"{base}_{mode}_s"])
                     result[f"ratio_{name}_{mode}_vs_{short}_cpu_time"] = (
                         result[f"{name}_{mode}_cpu_s"] / result[f"{base}_{mode}_cpu_s"])
+        if "auto" in impls and "plain" in impls:  # auto against the faster of its two choices
+            for unit in ("s", "cpu_s"):
+                best = min(result[f"plain_{mode}_{unit}"], result[f"dense_sdpa_{mode}_{unit}"])
+                suffix = "" if unit == "s" else "_cpu_time"
+                result[f"ratio_auto_{mode}_vs_best{suffix}"] = result[f"auto_{mode}_{unit}"] / best
+    result["auto_runs_sparse"] = auto is not dense_sdpa
     return result
 
 
@@ -206,8 +227,9 @@ def parse_args(argv=None):
     p.add_argument("--baddbmm-max-seq", type=int, default=2048,
                    help="run the baddbmm baseline only up to this length (it materialises "
                         "heads x seq^2 scores: 1 GiB in fp32 at 4096 tokens)")
-    p.add_argument("--impls", nargs="+", choices=("plain", "flex"), default=("plain", "flex"),
-                   help="sparse implementations to time (default both)")
+    p.add_argument("--impls", nargs="+", choices=("plain", "flex", "auto"), default=("plain", "flex", "auto"),
+                   help="sparse implementations to time (default all); auto is what --moh-attention-impl "
+                        "auto runs for the shape, and is also compared with the faster of plain and sdpa")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/)")
     return p.parse_args(argv)
@@ -245,6 +267,8 @@ def main(argv=None) -> None:
     cols = ["seq", "active", "floor"]
     for impl in args.impls:
         cols += [f"fwd {impl}/sdpa", f"f+b {impl}/sdpa"]
+    if "auto" in args.impls:
+        cols += ["f+b auto/best", "auto runs"]
     cols += ["f+b plain/bmm", "sdpa f+b s", *[f"{impl} f+b s" for impl in args.impls],
              "sdpa MiB", *[f"{impl} MiB" for impl in args.impls]]
     print(" | ".join(cols))
@@ -262,6 +286,9 @@ def main(argv=None) -> None:
             for impl in args.impls:
                 cells += [fmt(r, f"ratio_{impl}_fwd_vs_sdpa", ".3f"),
                           fmt(r, f"ratio_{impl}_fwd_bwd_vs_sdpa", ".3f")]
+            if "auto" in args.impls:
+                cells += [fmt(r, "ratio_auto_fwd_bwd_vs_best", ".3f"),
+                          "sparse" if r["auto_runs_sparse"] else "dense"]
             cells += [fmt(r, "ratio_plain_fwd_bwd_vs_baddbmm", ".3f"),
                       fmt(r, "dense_sdpa_fwd_bwd_s", ".4f"),
                       *[fmt(r, f"{impl}_fwd_bwd_s", ".4f") for impl in args.impls],

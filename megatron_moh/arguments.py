@@ -86,8 +86,9 @@ def add_moh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Weigh shared vs routed heads with a learned [a1, a2].")
     group.add_argument("--moh-load-balance-coeff", type=float, default=0.01,
                        help="beta of the load-balance loss (0 turns it off).")
-    group.add_argument("--moh-attention-impl", choices=["dense", "sparse"], default="dense",
-                       help="'dense' computes all heads; 'sparse' skips unchosen query rows.")
+    group.add_argument("--moh-attention-impl", choices=["auto", "dense", "sparse"], default="auto",
+                       help="'dense' computes all heads; 'sparse' skips unchosen query rows; 'auto' "
+                            "picks per layer call where measured faster (the default).")
     group.add_argument("--moh-dense-baseline", action="store_true",
                        help="Build the same model with megatron-core's dense attention (baseline).")
     group.add_argument("--moh-data-cache", type=str, default=None,

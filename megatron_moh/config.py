@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 ROUTERS = ("learned", "query_norm")
 GATES = ("weighted", "binary")
-ATTENTION_IMPLS = ("dense", "sparse")
+ATTENTION_IMPLS = ("auto", "dense", "sparse")
 
 
 class MoHConfigError(ValueError):
@@ -156,9 +156,10 @@ class MoHTransformerConfig(TransformerConfig):
     moh_load_balance_coeff: float = 0.01
     """beta of the load-balance loss; 0 turns it off."""
 
-    moh_attention_impl: Literal["dense", "sparse"] = "dense"
+    moh_attention_impl: Literal["auto", "dense", "sparse"] = "auto"
     """'dense' computes every head and gates afterwards; 'sparse' skips the query rows a
-    routed head was not chosen for."""
+    routed head was not chosen for; 'auto' picks one of them per layer call from the sequence
+    length and the active heads, where measured faster (hf.configuration_moh.SPARSE_CROSSOVERS)."""
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:

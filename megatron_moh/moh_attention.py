@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from megatron.core import tensor_parallel
@@ -25,6 +26,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_moh.config import MoHTransformerConfig
 from megatron_moh.flex_sparse_attention import flex_available, flex_head_sparse_attention
+from megatron_moh.hf.configuration_moh import skipped_attention, sparse_pays
 from megatron_moh.sparse_attention import head_sparse_attention
 
 
@@ -61,7 +63,10 @@ class MoHSelfAttention(SelfAttention):
         first_head = self.router.head_offset
         self.num_local_shared_heads = min(max(config.moh_num_shared_heads - first_head, 0),
                                           self.num_attention_heads_per_partition)
-        self.head_sparse = config.moh_attention_impl == "sparse"
+        routed = config.num_attention_heads - config.moh_num_shared_heads
+        self.skipped = skipped_attention(
+            "train", self.num_attention_heads_per_partition, self.num_query_groups_per_partition,
+            self.num_local_shared_heads, config.moh_topk / routed if routed else 1.0)
         self._routing_query: Tensor | None = None
         if self.q_layernorm is not None:
             self.q_layernorm.register_forward_pre_hook(self._keep_routing_query)
@@ -107,11 +112,19 @@ class MoHSelfAttention(SelfAttention):
             query = apply_rotary_pos_emb(query, q_pos_emb, config=self.config, mscale=mscale, cp_group=cp_group)
             key = apply_rotary_pos_emb(key, k_pos_emb, config=self.config, mscale=mscale, cp_group=cp_group)
 
-        if self.head_sparse:
+        if self._head_sparse(query):
             core_attn_out = self._head_sparse_attention(query, key, value, gates)
         else:
             core_attn_out = gate_heads(self._dense_attention(query, key, value, attention_mask, attention_bias), gates)
         return self.linear_proj(core_attn_out)
+
+    def _head_sparse(self, query: Tensor) -> bool:
+        """``--moh-attention-impl sparse``, or ``auto`` where the head-sparse core is measured to be
+        faster for this sequence length and this rank's heads (configuration_moh.SPARSE_CROSSOVERS)."""
+        impl = self.config.moh_attention_impl
+        if impl != "auto":
+            return impl == "sparse"
+        return sparse_pays(query.device.type, "train", query.shape[0], self.skipped, torch.get_num_threads())
 
     def _dense_attention(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                          attention_bias: Tensor | None) -> Tensor:

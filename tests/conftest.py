@@ -36,3 +36,12 @@ def pytest_collection_modifyitems(items):
         kind = item.path.parent.name
         if kind in ("unit", "dist", "integration"):
             item.add_marker(getattr(pytest.mark, kind))
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test, as the measured crossovers of moh_attention_impl='auto'."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

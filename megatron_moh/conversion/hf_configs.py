@@ -221,7 +221,7 @@ def megatron_config_kwargs(hf_config: Any, layout: MoHLayout | str | None = None
         moh = dict(moh_num_shared_heads=hf_config.moh_num_shared_heads, moh_topk=hf_config.moh_topk,
                    moh_router=hf_config.moh_router, moh_gate=hf_config.moh_gate,
                    moh_two_stage=bool(hf_config.moh_two_stage),
-                   moh_attention_impl=getattr(hf_config, "moh_attention_impl", "dense"))
+                   moh_attention_impl=getattr(hf_config, "moh_attention_impl", "auto"))
     else:
         if layout is None:
             raise ConversionError("a plain Llama config has no MoH layout: pass layout='dense', "

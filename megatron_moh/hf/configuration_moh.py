@@ -26,13 +26,61 @@ so that no future LlamaConfig field collides):
   ``--add-qkv-bias``. (Llama's own ``attention_bias`` biases o_proj too.)
 * ``moh_qk_norm``: a per-head RMSNorm (over ``head_dim``, weights ``self_attn.q_norm`` and
   ``self_attn.k_norm``) on queries and keys before RoPE, as Qwen3 and megatron's ``--qk-layernorm``.
+
+``moh_attention_impl`` (``'auto'``, ``'dense'`` or ``'sparse'``) chooses how the heads a token did not
+choose are skipped; it changes speed, not outputs (see modeling_moh).
 """
 
 from transformers import LlamaConfig
 
 MOH_ROUTERS = ("learned", "query_norm")
 MOH_GATES = ("weighted", "binary")
-MOH_ATTENTION_IMPLS = ("dense", "sparse")
+MOH_ATTENTION_IMPLS = ("auto", "dense", "sparse")
+
+# Where the head-sparse paths beat computing every head, per (device type, phase): sparse from
+# ``min_tokens`` tokens (the sequence in training and prefill, the keys read in a decoding step) when
+# at least ``min_skipped`` of the attention work can be skipped (see ``skipped_attention``). Measured
+# on CPU (torch 2.14, fp32): training by benchmarks/bench_sparse.py (core attention, forward+backward,
+# 1 and 2 threads), prefill and decoding by benchmarks/bench_generate.py (whole models against a plain
+# Llama); the tables are in benchmarks/README.md. No GPU measurement yet, so CUDA stays dense until the
+# GPU check kit's runs of those two benchmarks give its rows.
+SPARSE_CROSSOVERS: dict[tuple[str, str], tuple[tuple[float, int], ...]] = {
+    ("cpu", "train"): ((0.5, 1024), (0.25, 2048)),
+    ("cpu", "prefill"): ((0.5, 2048), (0.25, 4096)),
+    ("cpu", "decode"): ((0.2, 1024),),
+}
+# Inference's sparse paths make many small calls (a decoding step: one per run of groups and sequence),
+# each a parallel region that waits for every CPU thread: with 2 threads on cores other processes also
+# used they lost to dense (0.15-0.8x its tokens/s), so on CPU they pay with one thread only.
+ONE_THREAD_PHASES = ("prefill", "decode")
+
+
+def skipped_attention(phase: str, heads: int, kv_heads: int, shared: int, lane_density: float) -> float:
+    """Expected share of a layer's attention work that the head-sparse path of ``phase`` skips, for
+    uniformly routed tokens: ``heads`` query heads of which the first ``shared`` are shared, in
+    ``kv_heads`` key/value groups; each routed head serves ``lane_density`` (top-k over routed heads)
+    of the tokens.
+
+    Training and prefill skip query rows: a routed head busier than half of the tokens saves nothing
+    measurable (packed rows cost more per row than the causal kernel). Decoding skips reading a key/value
+    group's cache when none of its heads is chosen: a group of ``g`` routed heads is unused with
+    probability ``(1 - lane_density) ** g``, a group holding a shared head never.
+    """
+    routed = heads - shared
+    if phase != "decode":
+        return 0.0 if lane_density > 0.5 else routed / heads * (1 - lane_density)
+    group = heads // kv_heads
+    routed_groups = kv_heads - -(-shared // group)
+    return routed_groups / kv_heads * (1 - lane_density) ** group
+
+
+def sparse_pays(device_type: str, phase: str, tokens: int, skipped: float, threads: int = 1) -> bool:
+    """Whether ``moh_attention_impl='auto'`` runs the head-sparse path (``SPARSE_CROSSOVERS``,
+    ``ONE_THREAD_PHASES``); ``threads``: torch's CPU threads."""
+    if device_type == "cpu" and threads > 1 and phase in ONE_THREAD_PHASES:
+        return False
+    rows = SPARSE_CROSSOVERS.get((device_type, phase), ())
+    return any(skipped >= min_skipped and tokens >= min_tokens for min_skipped, min_tokens in rows)
 
 
 class MoHLlamaConfig(LlamaConfig):
@@ -45,7 +93,7 @@ class MoHLlamaConfig(LlamaConfig):
     moh_router: str = "learned"
     moh_gate: str | None = None
     moh_two_stage: bool | None = None
-    moh_attention_impl: str = "dense"
+    moh_attention_impl: str = "auto"
     moh_qkv_bias: bool = False
     moh_qk_norm: bool = False
 
@@ -111,4 +159,4 @@ class MoHLlamaConfig(LlamaConfig):
         return shared + self.moh_num_routed_heads + (2 if self.moh_two_stage else 0)
 
 
-__all__ = ["MoHLlamaConfig"]
+__all__ = ["MoHLlamaConfig", "skipped_attention", "sparse_pays"]

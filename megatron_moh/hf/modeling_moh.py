@@ -11,9 +11,13 @@ per-token gate; keys and values are never gated, so the KV cache, generation, le
 every attention interface (eager, sdpa, ...) work unchanged. The gate math is the training
 code's (megatron_moh.router.gates_from_logits); the convention is in configuration_moh.
 
-With ``moh_attention_impl='sparse'`` (eager and sdpa interfaces) a routed head's attention is
-computed only for the query rows whose gate is nonzero, in prefill and in cached decoding, with the
-dense path's output (``MoHLlamaAttention.sparse_attend``).
+``moh_attention_impl``: ``'dense'`` runs the attention interface over every head; ``'sparse'``
+(eager and sdpa interfaces) skips what the router did not choose: a decoding step reads only the
+key/value groups its token chose (``MoHLlamaAttention.sparse_groups``), and a prompt computes a
+routed head's attention to earlier blocks only at the positions that chose it (``sparse_prompt``);
+``'auto'`` (the default) uses them where ``configuration_moh.SPARSE_CROSSOVERS`` measured them faster.
+Outputs equal the dense path's (fp32 within 1e-5). While torch.compile traces (compiled generation)
+every call is dense: the sparse paths plan on the host.
 """
 
 from __future__ import annotations
@@ -37,9 +41,36 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
-from .configuration_moh import MoHLlamaConfig
+from .configuration_moh import MoHLlamaConfig, skipped_attention, sparse_pays
 
 QUERY_NORM_STD_EPS = 1e-6
+# Positions per block of a prompt's head-sparse attention (MoHLlamaAttention.sparse_prompt):
+# shorter blocks follow the causal triangle more closely, longer ones make fewer, larger calls;
+# 256 was fastest of 128, 256 and 512 on CPU (benchmarks/bench_generate.py).
+PROMPT_BLOCK = 256
+
+
+def _flash_cpu():
+    """torch's CPU flash-attention op, which also returns the log-sum-exp, or None without it."""
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_FLASH_CPU = _flash_cpu()
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of consecutive True entries."""
+    runs, start = [], None
+    for i, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
 
 
 def moh_gates(
@@ -95,6 +126,9 @@ class MoHLlamaAttention(LlamaAttention):
             self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
             self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=True)
             self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=True)
+        density = self.topk / self.num_routed if self.num_routed else 1.0
+        self.skipped = {phase: skipped_attention(phase, self.num_heads, config.num_key_value_heads, self.num_shared,
+                                                 density) for phase in ("prefill", "decode")}
         self.q_norm = self.k_norm = None
         if config.moh_qk_norm:  # Qwen3's: one RMSNorm over head_dim, shared by the heads
             self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -128,12 +162,14 @@ class MoHLlamaAttention(LlamaAttention):
         """Attention over all heads, output ``[B, T, H, D]``; ``query`` is ``[B, H, T, D]``,
         ``key``/``value`` ``[B, H_kv, S, D]`` (the whole cache), ``gates`` ``[B, T, H]``.
 
-        With ``moh_attention_impl='sparse'`` the routed heads are computed only for the query rows
-        whose gate is nonzero (:meth:`sparse_attend`); the dense interface runs otherwise, and
-        where the sparse path does not apply (see :meth:`can_attend_sparse`).
+        The head-sparse paths (:meth:`sparse_path`) or the configured attention interface over
+        every head; both give the same gated output.
         """
-        if self.config.moh_attention_impl == "sparse" and self.can_attend_sparse(attention_mask, kwargs):
-            return self.sparse_attend(query, key, value, attention_mask, gates), None
+        path = self.sparse_path(query, key, attention_mask, kwargs)
+        if path == "prompt":
+            return self.sparse_prompt(query, key, value, gates), None
+        if path == "groups":
+            return self.sparse_groups(query, key, value, attention_mask, gates), None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -148,90 +184,154 @@ class MoHLlamaAttention(LlamaAttention):
             **kwargs,
         )
 
-    def can_attend_sparse(self, attention_mask, kwargs) -> bool:
-        """The sparse path handles the masks of the eager and sdpa interfaces (None, or a 4D bool
-        or additive float tensor), without dropout and without returned attention weights."""
-        return (
-            self.config._attn_implementation in ("eager", "sdpa")
-            and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4))
-            and not (self.training and self.attention_dropout > 0)
-            and not kwargs.get("output_attentions", False)
-            and not getattr(self.config, "output_attentions", False)
-            and self.num_routed > 0
-        )
+    def sparse_path(self, query, key, attention_mask, kwargs) -> str | None:
+        """Which head-sparse path runs this call, or None for the dense interface.
 
-    def sparse_attend(self, query, key, value, attention_mask, gates) -> torch.Tensor:
-        """Head-sparse attention, output ``[B, T, H, D]`` (0 where a routed gate is 0).
+        ``'prompt'`` (:meth:`sparse_prompt`) for a causal prompt on CPU (no mask and no cache offset,
+        what the sdpa interface gets for an unpadded prefill) without autograd (its merge goes through
+        log-sum-exps that torch's flash op gives no gradient); ``'groups'`` (:meth:`sparse_groups`)
+        for any other call the eager and sdpa interfaces can take. ``moh_attention_impl='sparse'``
+        always uses them; ``'auto'`` only where ``sparse_pays`` says they are faster (decoding steps
+        on ``'groups'``, causal prompts on ``'prompt'``). Dense while torch.compile traces (the sparse
+        paths plan on the host), with dropout or returned attention weights, and for other interfaces.
+        """
+        impl = self.config.moh_attention_impl
+        if (
+            impl == "dense"
+            or self.num_routed == 0
+            or torch.compiler.is_compiling()
+            or self.config._attn_implementation not in ("eager", "sdpa")
+            or not (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4))
+            or (self.training and self.attention_dropout > 0)
+            or kwargs.get("output_attentions", False)
+            or getattr(self.config, "output_attentions", False)
+        ):
+            return None
+        length, keys = query.shape[2], key.shape[2]
+        prompt = (attention_mask is None and 1 < length == keys and query.device.type == "cpu"
+                  and _FLASH_CPU is not None and not (torch.is_grad_enabled() and query.requires_grad))
+        if impl == "sparse":
+            return "prompt" if prompt else "groups"
+        phase = "decode" if length == 1 else "prefill"
+        if phase == "prefill" and not prompt:
+            return None
+        if sparse_pays(query.device.type, phase, keys, self.skipped[phase], torch.get_num_threads()):
+            return "prompt" if prompt else "groups"
+        return None
 
-        Shared heads run torch's SDPA over every row, with the mask the sdpa interface would use.
-        Routed heads: each (sequence, key/value head) pair is a *lane* whose rows are the
-        (query head of its group, position) pairs with a nonzero gate. Lanes with no such row are
-        dropped (in decoding, a routed head the token did not choose costs nothing); the others'
-        rows are packed, in order, into ``[lanes, R, D]`` (padded to the longest lane) and run in
-        one SDPA call against all ``S`` keys of their key/value head, with an explicit mask
-        gathered at the rows' original positions: the given 4D mask (causal with the cache
-        offset, padding), or, when the mask is None, what the sdpa interface does then (causal
-        for several queries, none for one). Padding rows attend everywhere and are dropped.
+    def sparse_groups(self, query, key, value, attention_mask, gates) -> torch.Tensor:
+        """Attention of the key/value groups that a sequence's tokens use, output ``[B, T, H, D]``.
+
+        For each sequence, one SDPA call per run of consecutive groups holding a head with a nonzero
+        gate for one of its ``T`` tokens (the shared heads lead, so they join the first run), on views
+        of the cache: the keys and values of the other groups are not read. In a decoding step
+        (``T = 1``) that is every group the token chose. Heads of unused groups are 0; the mask is
+        the interface's (4D bool or additive, or None: causal for several tokens, as sdpa's).
         """
         batch, heads, length, dim = query.shape
         num_kv, keys = key.shape[1], key.shape[2]
-        groups = heads // num_kv
-        shared = self.num_shared
-        out = query.new_zeros(batch, length, heads, value.shape[-1])
-        device = query.device
-
+        group = heads // num_kv
         if attention_mask is not None:
             attention_mask = attention_mask[..., :keys]
-        if shared:
-            q_shared = query[:, :shared]
-            kv_heads = torch.arange(shared, device=device) // groups
-            mask = attention_mask
-            if mask is not None and mask.shape[1] > 1:
-                mask = mask[:, :shared]
-            out[:, :, :shared] = F.scaled_dot_product_attention(
-                q_shared, key[:, kv_heads], value[:, kv_heads], attn_mask=mask, scale=self.scaling,
-                is_causal=mask is None and length > 1,
-            ).transpose(1, 2)
+        used = (gates != 0).any(dim=1).view(batch, num_kv, group).any(dim=-1)
+        out = query.new_zeros(batch, heads, length, value.shape[-1])
+        # One token with GQA: a group's query heads become the query rows of its key/value head (as
+        # transformers' sdpa interface does), faster than SDPA's enable_gqa with a mask.
+        pack = length == 1 and group > 1
+        for b, flags in enumerate(used.tolist()):
+            for first, end in _runs(flags):
+                a, z = first * group, end * group
+                q = query[b : b + 1, a:z]
+                mask = None
+                if attention_mask is not None:
+                    mask = attention_mask[b : b + 1]
+                    mask = mask[:, a:z] if mask.shape[1] > 1 else mask
+                if pack:
+                    q = q.reshape(1, end - first, group, dim)
+                    mask = mask if mask is None or mask.shape[1] == 1 else mask.reshape(1, end - first, group, -1)
+                attended = F.scaled_dot_product_attention(
+                    q, key[b : b + 1, first:end], value[b : b + 1, first:end], attn_mask=mask,
+                    is_causal=mask is None and length > 1, scale=self.scaling, enable_gqa=group > 1 and not pack,
+                )
+                out[b : b + 1, a:z] = attended.reshape(1, z - a, length, -1)
+        return out.transpose(1, 2)
 
-        # Rows of lane (b, g): query heads g*groups .. (g+1)*groups-1, each over positions 0..T-1.
-        chosen = gates != 0
-        chosen[..., :shared] = False
-        chosen = chosen.permute(0, 2, 1).reshape(batch * num_kv, groups * length)
-        counts = chosen.sum(dim=-1)
-        lanes = counts.nonzero().squeeze(1)  # [P]
-        if lanes.numel() == 0:
-            return out
-        counts = counts[lanes]
-        rows = int(counts.max())
-        # Chosen rows first, in their original order (stable sort), cut at the longest lane.
-        order = torch.sort((~chosen[lanes]).to(torch.uint8), dim=-1, stable=True).indices[:, :rows]  # [P, R]
-        valid = torch.arange(rows, device=device) < counts[:, None]  # [P, R]
-        b = torch.div(lanes, num_kv, rounding_mode="floor")[:, None].expand(-1, rows)  # [P, R]
-        g = (lanes % num_kv)[:, None]
-        h = g * groups + torch.div(order, length, rounding_mode="floor")  # query head
-        t = order % length  # position among the new tokens
+    def sparse_prompt(self, query, key, value, gates, block: int = PROMPT_BLOCK) -> torch.Tensor:
+        """Causal attention of a prompt (no mask, no cache offset) that computes each routed head's
+        attention to earlier blocks only at the positions whose gate is nonzero, output
+        ``[B, T, H, D]`` (rows with a zero gate hold finite values that the gates then zero).
 
-        q_rows = query[b, h, t]  # [P, R, D]
-        k_lanes, v_lanes = key.reshape(batch * num_kv, keys, -1), value.reshape(batch * num_kv, keys, -1)
-        if lanes.numel() < batch * num_kv:  # with every lane used, the cache is not copied
-            k_lanes, v_lanes = k_lanes[lanes], v_lanes[lanes]
+        Groups holding a shared head run torch's causal SDPA. The other key/value groups are lanes
+        whose rows are (query head of the group, position) pairs, cut into blocks of
+        ``block`` positions. A row sees its own block causally and the blocks before it whole:
+        the first part runs for every row, in one causal call over all blocks (a small triangle per
+        block); the second only for the chosen rows of each block (padded to the busiest lane), one
+        call per block without a mask. The parts merge through their log-sum-exps, which torch's CPU
+        flash op returns. The work then follows the causal triangle of the chosen rows.
+        """
+        batch, heads, length, dim = query.shape
+        num_kv = key.shape[1]
+        group = heads // num_kv
+        first = -(-self.num_shared // group)  # groups before it hold a shared head
+        out = query.new_empty(batch, heads, length, dim)
+        if first:
+            out[:, : first * group] = F.scaled_dot_product_attention(
+                query[:, : first * group], key[:, :first], value[:, :first], is_causal=True,
+                scale=self.scaling, enable_gqa=group > 1,
+            )
+        lanes = num_kv - first
+        if lanes == 0:
+            return out.transpose(1, 2)
+        out[:, first * group :] = 0
+        blocks = -(-length // block)
+        pad = blocks * block - length
+        device = query.device
 
-        if attention_mask is not None:
-            mask_heads = h if attention_mask.shape[1] > 1 else torch.zeros_like(h)
-            mask = attention_mask[b, mask_heads, t]  # [P, R, S]
-            allow = torch.ones((), dtype=torch.bool) if mask.dtype == torch.bool else torch.zeros((), dtype=mask.dtype)
-            mask = torch.where(valid[..., None], mask, allow.to(device))
-        elif length > 1:  # sdpa's is_causal: query i sees keys 0..i
-            mask = torch.arange(keys, device=device) <= t[..., None]
-            mask = mask | ~valid[..., None]
-        else:
-            mask = None
-        attended = F.scaled_dot_product_attention(
-            q_rows[:, None], k_lanes[:, None], v_lanes[:, None],
-            attn_mask=None if mask is None else mask[:, None], scale=self.scaling,
-        )[:, 0]  # [P, R, D]
-        out[b[valid], t[valid], h[valid]] = attended[valid]
-        return out
+        def by_block(t: torch.Tensor, heads_per_lane: int) -> torch.Tensor:
+            """``[B, lanes * h, T, D]`` -> ``[B * lanes * blocks, h, block, D]``, zero-padded (a view
+            where the layout allows)."""
+            t = F.pad(t, (0, 0, 0, pad)) if pad else t
+            t = t.reshape(batch, lanes, heads_per_lane, blocks, block, dim)
+            return t.transpose(2, 3).reshape(batch * lanes * blocks, heads_per_lane, block, dim)
+
+        q_blocks = by_block(query[:, first * group :], group)
+        own_out, own_lse = _FLASH_CPU(q_blocks, by_block(key[:, first:], 1), by_block(value[:, first:], 1),
+                                      0.0, True, scale=self.scaling)[:2]
+
+        # chosen[b, lane, j, i * block + o]: head i of the lane's group at position j * block + o
+        chosen = F.pad(gates[:, :, first * group :] != 0, (0, 0, 0, pad))
+        chosen = chosen.view(batch, blocks, block, lanes, group).permute(0, 3, 1, 4, 2)
+        chosen = chosen.reshape(batch, lanes, blocks, group * block)
+        counts = chosen.sum(dim=-1).amax(dim=(0, 1)).tolist()  # chosen rows per block, busiest lane
+        rows = max(counts)
+        # A stable sort of "not chosen" lists the chosen rows first, in order; the padding rows
+        # after them are other rows of the block, computed exactly too.
+        order = torch.sort((~chosen).to(torch.uint8), dim=-1, stable=True).indices[..., :rows]
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            """Rows ``order`` of a ``[B * lanes * blocks, h, block, ...]`` tensor."""
+            t = t.reshape(batch, lanes, blocks, group * block, -1)
+            return t.gather(3, order[..., None].expand(-1, -1, -1, -1, t.shape[-1]))
+
+        q_rows, merged, own_lse = pick(q_blocks), pick(own_out), pick(own_lse)[..., 0]
+        for j in range(1, blocks):  # the blocks before block j, whole, for its chosen rows
+            r = counts[j]
+            if r == 0:
+                continue
+            before, before_lse = _FLASH_CPU(q_rows[:, :, j, :r], key[:, first:, : j * block],
+                                            value[:, first:, : j * block], 0.0, False, scale=self.scaling)[:2]
+            own = own_lse[:, :, j, :r]
+            lse = torch.logaddexp(before_lse, own)
+            merged[:, :, j, :r] = (torch.exp(before_lse - lse)[..., None] * before
+                                   + torch.exp(own - lse)[..., None] * merged[:, :, j, :r])
+
+        position = order % block + torch.arange(blocks, device=device)[:, None] * block
+        head = (first + torch.arange(lanes, device=device))[:, None, None] * group + order // block
+        done = torch.arange(rows, device=device) < torch.tensor(counts, device=device)[:, None]
+        done = done & (position < length)  # [B, lanes, blocks, R]
+        sequence = torch.arange(batch, device=device)[:, None, None, None].expand_as(done)
+        out[sequence[done], head[done], position[done]] = merged[done].to(out.dtype)
+        return out.transpose(1, 2)
 
     def forward(
         self,

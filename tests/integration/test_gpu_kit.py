@@ -1,5 +1,5 @@
 """The GPU check kit (benchmarks/gpu/check.sh) in its CPU dry run, so that it cannot rot: every
-step (GPU tests, bench_sparse, bench_train, bench_attention) runs with tiny shapes on the CPU and
+step (GPU tests, bench_sparse, bench_train, bench_attention, bench_generate) runs with tiny shapes on the CPU and
 the summary is written. What it measures on a GPU is only measured on a GPU."""
 
 import json
@@ -19,17 +19,17 @@ def test_gpu_check_kit_cpu_dry_run(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {name: step["status"] for name, step in summary["steps"].items()} == {
         name: "ok" for name in ("tests_gpu", "bench_sparse_50", "bench_train", "bench_attention",
-                                "bench_sparse_75")}
+                                "bench_sparse_75", "bench_generate")}
     # On a CPU every GPU test is collected and skipped (by hardware), none fails.
     tests = summary["tests"]
     assert tests["tests"] > 0 and tests["skipped"] == tests["tests"]
     assert tests["failures"] == tests["errors"] == 0
-    for name in ("bench_sparse_50", "bench_sparse_75", "bench_train", "bench_attention"):
+    for name in ("bench_sparse_50", "bench_sparse_75", "bench_train", "bench_attention", "bench_generate"):
         assert json.loads((tmp_path / f"{name}.json").read_text())["rows"], name
     train = {row["setting"] for row in json.loads((tmp_path / "bench_train.json").read_text())["rows"]}
     assert train == {"dense attention", "MoH learned, 75% active", "MoH learned, 75% active, head-sparse",
                      "MoH learned, 50% active, head-sparse"}
-    assert [aim["met"] for aim in summary["aims"]] == [None, None, None]  # a dry run judges no aim
+    assert [aim["met"] for aim in summary["aims"]] == [None] * 4  # a dry run judges no aim
     assert "CPU dry run" in (tmp_path / "summary.md").read_text()
 
 

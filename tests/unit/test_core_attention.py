@@ -100,6 +100,7 @@ def test_attention_dropout_follows_the_model_parallel_rng():
 @pytest.mark.parametrize("impl,backend,moh_impl,refused", [
     ("local", AttnBackend.auto, "dense", True),  # the SDPA core
     ("local", AttnBackend.unfused, "sparse", True),  # the head-sparse path
+    ("local", AttnBackend.unfused, "auto", True),  # the default, which may pick it
     ("transformer_engine", AttnBackend.unfused, "dense", True),  # TE's causal kernels
     ("local", AttnBackend.unfused, "dense", False),  # megatron's DotProductAttention applies it
 ])

@@ -163,6 +163,25 @@ def test_binary_gates_are_exactly_zero_or_one():
     torch.testing.assert_close(logits.grad, p * (v - (p * v).sum(-1, keepdim=True)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout,seq,sparse", [
+    ({}, 1024, False),  # 4 shared + 2 of 4 routed: a quarter of the work skipped, sparse from 2048 tokens
+    ({}, 4096, True),
+    (dict(moh_num_shared_heads=2, moh_topk=2), 1024, True),  # 2 + 2 of 6: half skipped, from 1024
+    (dict(moh_num_shared_heads=2, moh_topk=2), 512, False),
+    (dict(moh_num_shared_heads=2, moh_topk=4), 4096, False),  # routed heads busier than half: dense
+])
+def test_auto_impl_picks_the_core_per_call(layout, seq, sparse, one_thread):
+    """--moh-attention-impl auto (the default) runs the head-sparse core on CPU where
+    configuration_moh.SPARSE_CROSSOVERS says it is faster, from the sequence length of the call,
+    with one torch thread or two."""
+    cfg = tiny_config(**layout)
+    assert cfg.moh_attention_impl == "auto"
+    attention = build_attention(cfg)
+    assert attention._head_sparse(torch.empty(seq, 1, 8, 8)) is sparse
+    torch.set_num_threads(2)
+    assert attention._head_sparse(torch.empty(seq, 1, 8, 8)) is sparse
+
+
 @pytest.mark.parametrize("router", ["learned", "query_norm"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(rtol=1e-5, atol=1e-5)),
                                        (torch.bfloat16, dict(rtol=2e-2, atol=2e-2))])
