@@ -2,8 +2,9 @@
 
 Megatron-LM's parser stays the source of every standard flag; this module adds the MoH group and
 the project's defaults, in three tables: the Llama architecture, kernels that run everywhere,
-and run settings (logging, evaluation, tokenizer). A leaf module: it imports nothing else of the
-project but `platform`, so the entry point, the conversion tools and the tests all share it.
+and run settings (logging, evaluation, tokenizer). It imports of the project only `platform`,
+`layout` (the MoH choices), `commands` (one-line usage errors) and, while parsing, `specs`'
+Transformer Engine probe, so the entry point, the conversion tools and the tests all share it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from megatron_moh import platform
+from megatron_moh.commands import OneLineParser
+from megatron_moh.layout import ATTENTION_IMPLS, GATES, ROUTERS
 
 PROG = "pretrain_moh.py"
 
@@ -78,15 +81,15 @@ def add_moh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Query heads every token uses. Default: half of the heads.")
     group.add_argument("--moh-topk", type=int, default=None,
                        help="Routed heads each token activates. Default: a quarter of the heads.")
-    group.add_argument("--moh-router", choices=["learned", "query_norm"], default="learned",
+    group.add_argument("--moh-router", choices=ROUTERS, default="learned",
                        help="'learned' (paper) or the parameter-free 'query_norm' router.")
-    group.add_argument("--moh-gate", choices=["weighted", "binary"], default=None,
+    group.add_argument("--moh-gate", choices=GATES, default=None,
                        help="Gate kind. Default: weighted for learned, binary for query_norm.")
     group.add_argument("--moh-two-stage", action=argparse.BooleanOptionalAction, default=None,
                        help="Weigh shared vs routed heads with a learned [a1, a2].")
     group.add_argument("--moh-load-balance-coeff", type=float, default=0.01,
                        help="beta of the load-balance loss (0 turns it off).")
-    group.add_argument("--moh-attention-impl", choices=["auto", "dense", "sparse"], default="auto",
+    group.add_argument("--moh-attention-impl", choices=ATTENTION_IMPLS, default="auto",
                        help="'dense' computes all heads; 'sparse' skips unchosen query rows; 'auto' "
                             "picks per layer call where measured faster (the default).")
     group.add_argument("--moh-dense-baseline", action="store_true",
@@ -105,11 +108,23 @@ def add_moh_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         **LLAMA_ARCHITECTURE,
         **PORTABLE_KERNELS,
         **RUN_DEFAULTS,
-        transformer_impl="local" if cpu else "transformer_engine",
+        transformer_impl="transformer_engine" if transformer_engine_default() else "local",
         distributed_backend=platform.distributed_backend(),
         use_cpu_initialization=True if cpu else None,
     )
     return parser
+
+
+def transformer_engine_default() -> bool:
+    """Whether ``--transformer-impl`` defaults to ``transformer_engine``: on a GPU where Transformer
+    Engine imports. Elsewhere the local spec (torch kernels), which runs everywhere."""
+    from megatron_moh.specs import have_transformer_engine
+
+    return not platform.cpu_requested() and have_transformer_engine()
+
+
+# Said once at start-up (preflight.check_args) where a GPU is visible but the default fell back.
+LOCAL_SPEC_ON_GPU = "Transformer Engine is not installed: using the local spec (torch kernels)"
 
 
 def _escape_stray_percent(parser: argparse.ArgumentParser) -> None:
@@ -124,26 +139,31 @@ def _escape_stray_percent(parser: argparse.ArgumentParser) -> None:
             action.help = action.help.replace("%", "%%")
 
 
-def _refuse_yaml(path: str) -> str:
-    raise argparse.ArgumentTypeError("a YAML config would bypass this command line's checks: pass the settings as "
-                                     "flags")
+class _MegatronParser(OneLineParser):
+    """megatron's parser (its actions and defaults, as ``parents``) reading ``argv`` instead of
+    ``sys.argv``, with usage errors in one line (argparse would print megatron's 900-line usage
+    first) and no YAML config (megatron would read it after parsing, bypassing every check)."""
+
+    def __init__(self, parent: argparse.ArgumentParser, argv: Sequence[str]):
+        super().__init__(prog=PROG, description=parent.description, parents=[parent], add_help=False,
+                         allow_abbrev=parent.allow_abbrev)
+        self.argv = list(argv)
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extra = super().parse_known_args(self.argv if args is None else args, namespace)
+        if getattr(parsed, "yaml_cfg", None) is not None:
+            self.error("argument --yaml-cfg: a YAML config would bypass this command line's checks: pass the "
+                       "settings as flags")
+        return parsed, extra
 
 
 def _parser_for(argv: Sequence[str], parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """megatron's ``extra_args_provider``: the MoH flags, ``argv`` in place of ``sys.argv``, and
-    usage errors in one line (argparse would print megatron's 900-line usage first)."""
+    """megatron's ``extra_args_provider``: the MoH flags on megatron's parser, then a parser of
+    our own with all of them (megatron parses with the one this returns)."""
     add_moh_args(parser)
     _escape_stray_percent(parser)
-    for action in parser._actions:
-        if action.dest == "yaml_cfg":  # megatron reads the file while parsing, before any check
-            action.type = _refuse_yaml
-    parser.prog = PROG
-    parser.error = lambda message: parser.exit(2, f"{PROG}: error: {message}\n")  # type: ignore[method-assign]
-    argv = list(argv)
-    parse_known_args = parser.parse_known_args
-    parser.parse_known_args = lambda args=None, namespace=None: parse_known_args(  # type: ignore[method-assign]
-        argv if args is None else args, namespace)
-    return parser
+    return _MegatronParser(parser, argv)
 
 
 def parse_megatron_args(argv: Sequence[str], defaults: Mapping[str, Any] | None = None, *,

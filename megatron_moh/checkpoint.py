@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_moh.layout import MoHLayout, moe_layer_pattern
 from megatron_moh.patches import checkpointing
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -248,20 +249,22 @@ def verify_checkpoint(path: str | os.PathLike, *, optimizer: bool = True, part: 
 
 
 def effective_arg(args: Any, field: str) -> Any:
+    """The value of ``field`` that the model ``args`` (a run's or a checkpoint's arguments)
+    describes builds with, whatever defaults or equivalent spellings the arguments use."""
     value = getattr(args, field, None)
     if field == "num_query_groups" and (value is None or not getattr(args, "group_query_attention", False)):
         return args.num_attention_heads
     if field == "kv_channels" and value is None:
         return args.hidden_size // args.num_attention_heads
-    if field == "moh_two_stage":
-        return bool(value)
+    if field in MoHLayout.field_names():
+        return MoHLayout.of(args).resolved(args.num_attention_heads).as_fields()[field]
     if field == "moe_shared_expert_gate":  # whether a gated shared expert exists
         return bool(value and getattr(args, "num_experts", None)
                     and getattr(args, "moe_shared_expert_intermediate_size", None))
     if field.startswith("moe_") and not getattr(args, "num_experts", None):
         return None  # no MoE layers: megatron ignores the MoE settings
     if field == "moe_layer_freq" and isinstance(value, int):
-        return [int(layer % value == 0) for layer in range(args.num_layers)]
+        return [int(moe) for moe in moe_layer_pattern(value, args.num_layers)]
     return value
 
 
@@ -270,7 +273,7 @@ MODEL_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "kv_channels", "padded_vocab_size", "normalization", "swiglu", "add_bias_linear", "add_qkv_bias",
     "qk_layernorm", "untie_embeddings_and_output_weights", "position_embedding_type",
-    "moh_dense_baseline", "moh_num_shared_heads", "moh_topk", "moh_router", "moh_gate", "moh_two_stage",
+    "moh_dense_baseline", *MoHLayout.field_names(),
     "num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_topk", "moe_shared_expert_intermediate_size",
     "moe_shared_expert_gate",
 )

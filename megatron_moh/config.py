@@ -23,42 +23,17 @@ plain multi-head attention). For H query heads, the first ``h_s`` are shared, th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-ROUTERS = ("learned", "query_norm")
-GATES = ("weighted", "binary")
-ATTENTION_IMPLS = ("auto", "dense", "sparse")
-
-
-class MoHConfigError(ValueError):
-    """A MoH setting that cannot work; the message names the field and the fix."""
-
+from megatron_moh.layout import ATTENTION_IMPLS, MoHConfigError, MoHLayout
 
 def resolve_moh_defaults(cfg: Any) -> None:
-    """Fill the MoH fields left as None with the paper's defaults (in place).
-
-    Works on a config or on an argparse Namespace with the same field names.
-    50% of heads shared and 25% routed-active (75% of heads active), as in the MoH-LLaMA3 recipe;
-    the query-norm router uses binary gates, the learned router weighted gates with two stages.
-    """
-    heads = cfg.num_attention_heads
-    if cfg.moh_num_shared_heads is None:
-        cfg.moh_num_shared_heads = heads // 2
-    if cfg.moh_topk is None:
-        cfg.moh_topk = min(max(heads // 4, 1), heads - cfg.moh_num_shared_heads)
-    if cfg.moh_gate is None:
-        cfg.moh_gate = "binary" if cfg.moh_router == "query_norm" else "weighted"
-    if cfg.moh_two_stage is None:
-        routed = heads - cfg.moh_num_shared_heads
-        cfg.moh_two_stage = (
-            cfg.moh_router == "learned"
-            and cfg.moh_gate == "weighted"
-            and cfg.moh_num_shared_heads > 0
-            and routed > 0
-        )
+    """Fill the layout fields a config or an argparse Namespace leaves None (in place), as
+    `MoHLayout.resolved` says."""
+    MoHLayout.of(cfg).resolved(cfg.num_attention_heads).set_on(cfg)
 
 
 def check_moh_config(cfg: Any) -> None:
@@ -68,55 +43,24 @@ def check_moh_config(cfg: Any) -> None:
     starts.
     """
     heads = cfg.num_attention_heads
-    groups = cfg.num_query_groups or heads
-    tp = getattr(cfg, "tensor_model_parallel_size", 1) or 1
-    shared, topk = cfg.moh_num_shared_heads, cfg.moh_topk
-    routed = heads - shared
+    MoHLayout.of(cfg).resolved(heads).check(heads, cfg.num_query_groups,
+                                            getattr(cfg, "tensor_model_parallel_size", 1) or 1)
 
     def fail(msg: str) -> None:
         raise MoHConfigError(msg)
 
-    if heads % tp:
-        fail(f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tp}: "
-             f"choose a TP size that divides the number of heads")
-    if heads % groups:
-        fail(f"num_query_groups={groups} does not divide num_attention_heads={heads}: "
-             f"choose a number of query groups that divides the heads")
-    if groups % tp and tp % groups:
-        fail(f"num_query_groups={groups} and tensor_model_parallel_size={tp} must divide one "
-             f"another: change --num-query-groups or the TP size")
-    if cfg.moh_router not in ROUTERS:
-        fail(f"moh_router={cfg.moh_router!r} is unknown: use one of {', '.join(ROUTERS)}")
-    if cfg.moh_gate not in GATES:
-        fail(f"moh_gate={cfg.moh_gate!r} is unknown: use one of {', '.join(GATES)}")
     if cfg.moh_attention_impl not in ATTENTION_IMPLS:
         fail(f"moh_attention_impl={cfg.moh_attention_impl!r} is unknown: "
              f"use one of {', '.join(ATTENTION_IMPLS)}")
-    if shared < 0:
-        fail(f"moh_num_shared_heads={shared} is negative: use 0 or more")
-    if shared >= heads and topk:
-        fail(f"moh_num_shared_heads={shared} leaves no routed heads of {heads} but moh_topk={topk}: "
-             f"set moh_topk=0 or use fewer shared heads")
-    if shared > heads:
-        fail(f"moh_num_shared_heads={shared} is more than num_attention_heads={heads}: "
-             f"use at most {heads}")
-    if topk < 0 or topk > routed:
-        fail(f"moh_topk={topk} must be between 0 and the {routed} routed heads "
-             f"(num_attention_heads - moh_num_shared_heads): lower moh_topk")
-    if routed > 0 and topk == 0:
-        fail(f"moh_topk=0 leaves the {routed} routed heads unused: set moh_topk >= 1 "
-             f"or make every head shared with moh_num_shared_heads={heads}")
+    if cfg.moh_attention_impl == "sparse" and (getattr(cfg, "attention_dropout", 0)
+                                                or getattr(cfg, "window_size", None) is not None):
+        fail("moh_attention_impl='sparse' has no attention dropout and no sliding window: use 'auto' or "
+             "'dense' (which compute every head where either is on), or drop them")
+    if getattr(cfg, "fused_single_qkv_rope", False):
+        fail("fused_single_qkv_rope applies RoPE to the unsplit QKV output, but the MoH router needs the "
+             "split queries: turn it off")
     if cfg.moh_load_balance_coeff < 0:
         fail(f"moh_load_balance_coeff={cfg.moh_load_balance_coeff} is negative: use 0 or more")
-    if cfg.moh_two_stage and not (cfg.moh_router == "learned" and cfg.moh_gate == "weighted"):
-        fail("moh_two_stage needs moh_router='learned' and moh_gate='weighted': "
-             "turn two-stage weights off for this router or gate")
-    if cfg.moh_two_stage and (shared == 0 or routed == 0):
-        fail(f"moh_two_stage weighs shared against routed heads but there are {shared} shared and "
-             f"{routed} routed: turn two-stage weights off")
-    if cfg.moh_router == "query_norm" and 0 < routed < 2:
-        fail("the query_norm router scales query norms by their std over routed heads and needs "
-             "at least 2 routed heads: use fewer shared heads")
     if (getattr(cfg, "context_parallel_size", 1) or 1) > 1:
         fail("MoH attention does not support context parallelism yet: "
              "set context_parallel_size=1")
@@ -142,12 +86,13 @@ class MoHTransformerConfig(TransformerConfig):
     moh_topk: int | None = None
     """Routed heads each token activates. None: a quarter of the heads."""
 
-    moh_router: Literal["learned", "query_norm"] = "learned"
-    """'learned': linear router (paper); 'query_norm': parameter-free router on query norms."""
+    moh_router: str = "learned"
+    """One of `ROUTERS`: 'learned': linear router (paper); 'query_norm': parameter-free router on
+    query norms."""
 
-    moh_gate: Literal["weighted", "binary"] | None = None
-    """'weighted' gates or 'binary' gates with a straight-through gradient. None: weighted for
-    the learned router, binary for the query-norm router."""
+    moh_gate: str | None = None
+    """One of `GATES`: 'weighted' gates or 'binary' gates with a straight-through gradient. None:
+    weighted for the learned router, binary for the query-norm router."""
 
     moh_two_stage: bool | None = None
     """Weigh shared against routed heads with [a1, a2] = 2 softmax(W_h x). None: on when the
@@ -156,8 +101,8 @@ class MoHTransformerConfig(TransformerConfig):
     moh_load_balance_coeff: float = 0.01
     """beta of the load-balance loss; 0 turns it off."""
 
-    moh_attention_impl: Literal["auto", "dense", "sparse"] = "auto"
-    """'dense' computes every head and gates afterwards; 'sparse' skips the query rows a
+    moh_attention_impl: str = "auto"
+    """One of `ATTENTION_IMPLS`: 'dense' computes every head and gates afterwards; 'sparse' skips the query rows a
     routed head was not chosen for; 'auto' picks one of them per layer call from the sequence
     length and the active heads, where measured faster (hf.configuration_moh.SPARSE_CROSSOVERS)."""
 

@@ -18,10 +18,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from megatron_moh.arguments import PROG
+from megatron.core.rerun_state_machine import EXIT_CODE_FAILED_ON_RESULT_VALIDATION, EXIT_CODE_RESUME_TO_DISAMBIGUATE
+
+from megatron_moh import platform
+from megatron_moh.arguments import LOCAL_SPEC_ON_GPU, PROG, TINY_MODEL
 from megatron_moh.checkpoint import CheckpointError, check_load, first_line
 from megatron_moh.config import MoHConfigError, check_moh_config, resolve_moh_defaults
+from megatron_moh.layout import moe_layer_pattern
 from megatron_moh.conversion import ConversionError, hf_generation
+from megatron_moh.moh_attention import ATTENTION_OFFLOAD_MODULES
 from megatron_moh.outputs import unwritable_reason
 from megatron_moh.save_dir import held, newest_checkpoint, room_problem
 from megatron_moh.specs import TransformerEngineMissing, have_transformer_engine, require_transformer_engine
@@ -78,6 +83,23 @@ REFUSED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
      "--apply-residual-connection-post-layernorm but its layers ignore it: drop it"),
     ("moe_use_upcycling", bool, "--moe-use-upcycling (dense checkpoint -> MoE) is not wired into the MoH model "
                                 "yet: drop it"),
+    # What megatron's Attention.forward does and MoHSelfAttention.forward does not (see its docstring).
+    ("offload_modules", lambda value: bool(set(value or ()) & set(ATTENTION_OFFLOAD_MODULES)),
+     f"--offload-modules {', '.join(ATTENTION_OFFLOAD_MODULES)} offload inputs inside megatron's attention "
+     f"forward, which the MoH layer replaces: drop them (the norms' and MoE modules' offloading is megatron's own)"),
+    ("cuda_graph_impl", lambda value: value not in (None, "none"), "--cuda-graph-impl: the MoH layer's routing and "
+                                                                   "head-sparse core are not captured in CUDA graphs: "
+                                                                   "drop it"),
+    ("enable_cuda_graph", bool, "--enable-cuda-graph: the MoH layer is not captured in CUDA graphs: drop it"),
+    ("external_cuda_graph", bool, "--external-cuda-graph: the MoH layer is not captured in CUDA graphs: drop it"),
+    ("flash_decode", bool, "--flash-decode is megatron's inference path, which the MoH layer does not have: drop it "
+                           "(export the checkpoint to Hugging Face format and generate there)"),
+    ("perform_rl_step", bool, "--perform-rl-step generates with megatron's inference engine (KV cache), which the "
+                              "MoH layer does not have: drop it"),
+    ("sft", bool, "--sft trains on packed sequences (THD), which pretrain_moh.py does not build and the MoH layer "
+                  "does not support: drop it"),
+    ("hybrid_context_parallel", bool, "--hybrid-context-parallel packs sequences across context-parallel ranks, "
+                                      "which the MoH layer does not support: drop it"),
 )
 
 
@@ -98,12 +120,10 @@ def _moe_problems(args: argparse.Namespace) -> list[str]:
                         f"expert-parallel rank holds the same number of experts")
     if args.moe_router_topk and args.moe_router_topk > experts:
         problems.append(f"--moe-router-topk {args.moe_router_topk} is more than the {experts} experts: lower it")
-    freq = args.moe_layer_freq
-    if isinstance(freq, int) and freq < 1:
-        problems.append(f"--moe-layer-freq {freq} must be at least 1 (an MoE MLP every N layers)")
-    elif isinstance(freq, list) and (len(freq) != args.num_layers or set(freq) - {0, 1}):
-        problems.append(f"--moe-layer-freq {freq} must give 0 (dense) or 1 (MoE) for each of the "
-                        f"{args.num_layers} layers")
+    try:
+        moe_layer_pattern(args.moe_layer_freq, args.num_layers or TINY_MODEL["num_layers"])
+    except ValueError as err:
+        problems.append(str(err))
     if tp > 1 and not args.sequence_parallel:
         problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core's MoE "
                         "layer refuses to train without it)")
@@ -226,7 +246,8 @@ def _check_model_config(args: argparse.Namespace) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Exit with a one-line message for impossible MoH settings, unwritable outputs, unusable data
-    or an unusable ``--load`` checkpoint; then carry an imported model's generation settings from
+    or an unusable ``--load`` checkpoint (and say, once, when a GPU trains on the local spec because
+    Transformer Engine is missing); then carry an imported model's generation settings from
     the checkpoint it starts from to ``--save`` (`hf_generation`)."""
     from megatron_moh.data.validation import DataError, validate_data
 
@@ -236,6 +257,8 @@ def check_args(args: argparse.Namespace) -> None:
             require_transformer_engine(f"--fp8-format {args.fp8}")
         if args.transformer_impl == "transformer_engine":
             require_transformer_engine("--transformer-impl transformer_engine")
+        elif args.rank == 0 and not platform.cpu_requested() and not have_transformer_engine():
+            print(LOCAL_SPEC_ON_GPU)
         resolve_moh_defaults(args)
         check_moh_config(args)
         _check_model_config(args)
@@ -250,12 +273,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 # megatron's exit codes when its result validation found a NaN/Inf that a rerun reproduced.
-DIVERGED_EXIT_CODES = (16, 17)  # megatron.core.rerun_state_machine.EXIT_CODE_*
+DIVERGED_EXIT_CODES = (EXIT_CODE_RESUME_TO_DISAMBIGUATE, EXIT_CODE_FAILED_ON_RESULT_VALIDATION)
 
 
 def diverged(args: argparse.Namespace, code: int) -> str:
     """The one line to end a run that megatron's result validation stopped."""
     saved = (f"a checkpoint of the iteration before it is in --save {args.save}, so resuming reruns it"
-             if args.save and code == 16 else "nothing was saved" + ("" if args.save else " (no --save)"))
+             if args.save and code == EXIT_CODE_RESUME_TO_DISAMBIGUATE
+             else "nothing was saved" + ("" if args.save else " (no --save)"))
     return (f"{PROG}: error: training diverged at iteration {args.curr_iteration + 1}: megatron's result validation "
             f"found NaN or Inf (the log above says where); {saved}; lower --lr or use --clip-grad")

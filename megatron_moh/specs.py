@@ -39,6 +39,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_moh.core_attention import local_core_attention
+from megatron_moh.layout import moe_layer_pattern
 from megatron_moh.moh_attention import MoHSelfAttention, MoHSelfAttentionSubmodules
 from megatron_moh.norm import TorchNorm
 from megatron_moh.router import LearnedHeadRouter, QueryNormHeadRouter
@@ -75,8 +76,8 @@ def require_transformer_engine(what: str) -> None:
         )
 
 
-def _router_class(config: TransformerConfig) -> type:
-    return QueryNormHeadRouter if config.moh_router == "query_norm" else LearnedHeadRouter
+# The head router of each of config.ROUTERS.
+ROUTER_CLASSES = {"learned": LearnedHeadRouter, "query_norm": QueryNormHeadRouter}
 
 
 def _attention_spec(config: TransformerConfig, moh: bool, linear_qkv, core_attention, linear_proj,
@@ -92,7 +93,7 @@ def _attention_spec(config: TransformerConfig, moh: bool, linear_qkv, core_atten
         return ModuleSpec(SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
                           submodules=SelfAttentionSubmodules(**common))
     return ModuleSpec(MoHSelfAttention, params={"attn_mask_type": AttnMaskType.causal},
-                      submodules=MoHSelfAttentionSubmodules(**common, router=_router_class(config)))
+                      submodules=MoHSelfAttentionSubmodules(**common, router=ROUTER_CLASSES[config.moh_router]))
 
 
 def _keys_map(moe: bool) -> dict[str, str]:
@@ -106,20 +107,6 @@ def _moe_mlp(config: TransformerConfig, backend: BackendSpecProvider):
     return get_moe_module_spec_for_backend(
         backend=backend, num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
     )
-
-
-def moe_layer_pattern(config: TransformerConfig) -> list[bool]:
-    """Which layers (all of them, from 0) have an MoE MLP: ``moe_layer_freq`` N puts one on every
-    Nth layer starting with the first, a list gives 1 (MoE) or 0 (dense) per layer, as megatron's
-    ``get_gpt_decoder_layer_specs`` reads it."""
-    if not config.num_moe_experts:
-        return [False] * config.num_layers
-    freq = config.moe_layer_freq
-    if isinstance(freq, int):
-        return [i % freq == 0 for i in range(config.num_layers)]
-    if len(freq) != config.num_layers or set(freq) - {0, 1}:
-        raise ValueError(f"moe_layer_freq={freq} must give 0 or 1 for each of the {config.num_layers} layers")
-    return [bool(moe) for moe in freq]
 
 
 def local_layer_spec(config: TransformerConfig, moh: bool = True, moe: bool = False) -> ModuleSpec:
@@ -180,7 +167,7 @@ def block_spec(
     pp_rank: int | None = None,
 ) -> ModuleSpec:
     """The decoder block of one pipeline stage: its layers (dense or MoE MLP, by
-    `moe_layer_pattern`) and the final norm."""
+    `layout.moe_layer_pattern`) and the final norm."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
     if backend == "te":
@@ -189,7 +176,8 @@ def block_spec(
     else:
         layer_spec = local_layer_spec
         final_norm = TorchNorm
-    pattern = moe_layer_pattern(config)
+    pattern = (moe_layer_pattern(config.moe_layer_freq, config.num_layers) if config.num_moe_experts
+               else [False] * config.num_layers)
     layers = {moe: layer_spec(config, moh, moe=moe) for moe in set(pattern)}
     layout = config.pipeline_model_parallel_layout
     if layout is not None:  # megatron's explicit per-stage layout names the layers of each stage

@@ -43,19 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _routing_layout(saved: argparse.Namespace, load: str) -> dict:
-    """The checkpoint's MoH layout; refuses a model without routed heads."""
+    """The checkpoint's MoH layout (`MoHLayout`) for the report; refuses a model without routed heads."""
+    from dataclasses import asdict
+
     from megatron_moh.checkpoint import CheckpointError
+    from megatron_moh.layout import MoHLayout
 
     if getattr(saved, "moh_dense_baseline", False) or not hasattr(saved, "moh_topk"):
         raise CheckpointError(f"{load} holds a dense model (--moh-dense-baseline or no MoH arguments): "
                               f"it has no head router to analyse")
-    routed = saved.num_attention_heads - saved.moh_num_shared_heads
-    if routed == 0 or not saved.moh_topk:
-        raise CheckpointError(f"{load} routes no heads ({saved.moh_num_shared_heads} of "
-                              f"{saved.num_attention_heads} heads shared, top-{saved.moh_topk}): nothing to analyse")
-    return dict(num_layers=saved.num_layers, num_attention_heads=saved.num_attention_heads,
-                num_shared_heads=saved.moh_num_shared_heads, num_routed_heads=routed, topk=saved.moh_topk,
-                router=saved.moh_router, gate=saved.moh_gate, two_stage=bool(saved.moh_two_stage))
+    heads = saved.num_attention_heads
+    layout = MoHLayout.of(saved).resolved(heads)
+    routed = heads - layout.num_shared_heads
+    if routed == 0 or not layout.topk:
+        raise CheckpointError(f"{load} routes no heads ({layout.num_shared_heads} of {heads} heads shared, "
+                              f"top-{layout.topk}): nothing to analyse")
+    return dict(num_layers=saved.num_layers, num_attention_heads=heads, num_routed_heads=routed, **asdict(layout))
 
 
 def _check_options(opts: argparse.Namespace, saved: argparse.Namespace) -> int:

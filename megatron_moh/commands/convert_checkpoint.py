@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_moh.commands import OneLineParser
+from megatron_moh.layout import GATES, LAYOUT_PRESETS, ROUTERS, MoHLayout
 
 PROG = "convert_checkpoint.py"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -41,15 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--hf", required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
     imp.add_argument("--out", required=True,
                      help="checkpoint directory to write (then: pretrain_moh.py --load OUT --finetune)")
-    imp.add_argument("--layout", choices=["dense", "published", "custom"], default=None,
+    imp.add_argument("--layout", choices=[*LAYOUT_PRESETS, "custom"], default=None,
                      help="MoH layout for a plain Llama: 'dense' (every head shared: the same function), "
                           "'published' (50%% shared, 25%% routed-active, query-norm router), or 'custom' "
                           "(--moh-* below). Not used for moh_llama checkpoints, which carry their own.")
     imp.add_argument("--moh-num-shared-heads", type=int, default=None, help="custom layout: shared heads")
     imp.add_argument("--moh-topk", type=int, default=None, help="custom layout: routed heads per token")
-    imp.add_argument("--moh-router", choices=["learned", "query_norm"], default="query_norm",
+    imp.add_argument("--moh-router", choices=ROUTERS, default="query_norm",
                      help="custom layout: router (a learned router starts at zero)")
-    imp.add_argument("--moh-gate", choices=["weighted", "binary"], default="binary", help="custom layout: gates")
+    imp.add_argument("--moh-gate", choices=GATES, default="binary", help="custom layout: gates")
     imp.add_argument("--moh-two-stage", action="store_true", help="custom layout: two-stage shared/routed weights")
     imp.add_argument("--tensor-model-parallel-size", type=int, default=1,
                      help="TP the checkpoint is for (fixes the vocabulary padding)")
@@ -62,9 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _layout(opts: argparse.Namespace):
-    from megatron_moh.conversion.hf_configs import MoHLayout
-
+def _layout(opts: argparse.Namespace) -> MoHLayout | str | None:
+    """The import's layout: a preset's name, the custom one, or None (a moh_llama carries its own)."""
     if opts.layout != "custom":
         if opts.moh_num_shared_heads is not None or opts.moh_topk is not None:
             raise SystemExit(f"{PROG}: error: --moh-num-shared-heads / --moh-topk need --layout custom")

@@ -36,6 +36,7 @@ from megatron_moh.conversion.hf_files import HFImportPlan, load_hf_config, plan_
 from megatron_moh.conversion.megatron_files import check_holds, load_tensors, save_produced
 from megatron_moh.conversion.weights import EXTRA_STATE_SUFFIX, VOCAB_TENSORS, megatron_to_hf, tensor_maps
 from megatron_moh.conversion.whole_model import build_model, checkpoint_model, one_process_args, single_process_group
+from megatron_moh.layout import MoHConfigError, MoHLayout
 from megatron_moh.outputs import removed_on_failure, share_like_umask, unwritable_reason
 from megatron_moh.tokenizer import HUGGINGFACE_TYPE, SENTENCEPIECE_TYPES, TokenizerError, check_tokenizer_model
 
@@ -80,8 +81,7 @@ def _model_config(args: argparse.Namespace):
 
     args = one_process_args(args)
     if getattr(args, "moh_dense_baseline", False):
-        args.moh_num_shared_heads, args.moh_topk = args.num_attention_heads, 0
-        args.moh_router, args.moh_gate, args.moh_two_stage = "query_norm", "binary", False
+        MoHLayout.preset("dense", args.num_attention_heads).set_on(args)
     return core_transformer_config_from_args(args, MoHTransformerConfig)
 
 
@@ -212,35 +212,34 @@ def export_hf(
 
 def _import_args(hf_config: Any, config_kwargs: dict, model_kwargs: dict, hf_dir: Path, tensor_parallel: int,
                  pipeline_parallel: int, divisible_by: int, dtype: torch.dtype) -> argparse.Namespace:
-    """The arguments a pretrain_moh.py run of this model at the given layout would save."""
+    """The arguments a pretrain_moh.py run of this model at the given layout would save: megatron's
+    parse of the flags `finetune_flags` renders for it."""
     from megatron.training.arguments import validate_args
 
     from megatron_moh.arguments import parse_megatron_args
 
-    tokenizer = (["--tokenizer-type", HUGGINGFACE_TYPE, "--tokenizer-model", str(hf_dir.resolve())]
-                 if _has_tokenizer(hf_dir) else
-                 ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(hf_config.vocab_size)])
-    c = config_kwargs
-    argv = [
-        "--num-layers", c["num_layers"], "--hidden-size", c["hidden_size"], "--ffn-hidden-size", c["ffn_hidden_size"],
-        "--num-attention-heads", c["num_attention_heads"], "--group-query-attention",
-        "--num-query-groups", c["num_query_groups"], "--kv-channels", c["kv_channels"],
-        "--norm-epsilon", c["layernorm_epsilon"], "--max-position-embeddings", model_kwargs["max_sequence_length"],
-        "--seq-length", model_kwargs["max_sequence_length"], "--micro-batch-size", 1,
-        "--tensor-model-parallel-size", tensor_parallel, "--pipeline-model-parallel-size", pipeline_parallel,
-        "--make-vocab-size-divisible-by", divisible_by, "--ckpt-format", "torch_dist",
-        "--moh-num-shared-heads", c["moh_num_shared_heads"], "--moh-topk", c["moh_topk"],
-        "--moh-router", c["moh_router"], "--moh-gate", c["moh_gate"],
-        "--moh-two-stage" if c["moh_two_stage"] else "--no-moh-two-stage",
-        *({torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}.get(dtype, [])), *tokenizer,
-        *(["--qk-layernorm"] if c["qk_layernorm"] else []), *(["--add-qkv-bias"] if c["add_qkv_bias"] else []),
-        *(["--tie-embeddings-and-output-weights"] if model_kwargs["share_embeddings_and_output_weights"] else []),
-        *(["--use-rope-scaling", "--rope-scaling-factor", model_kwargs["rope_scaling_factor"]]
-          if model_kwargs.get("rope_scaling") else []),
-    ]
-    args = parse_megatron_args([str(arg) for arg in argv], validate=False)
+    c, m = config_kwargs, model_kwargs
+    if not float(m["rotary_base"]).is_integer():
+        raise CheckpointError(f"rope_theta={m['rotary_base']} is not an integer, which megatron's --rotary-base "
+                              f"needs: this model cannot be trained with pretrain_moh.py")
+    tokenizer = (dict(tokenizer_type=HUGGINGFACE_TYPE, tokenizer_model=str(hf_dir.resolve()))
+                 if _has_tokenizer(hf_dir) else dict(tokenizer_type="NullTokenizer", vocab_size=hf_config.vocab_size))
+    described = argparse.Namespace(
+        **{field: c[field] for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                         "num_query_groups", "kv_channels", "qk_layernorm", "add_qkv_bias")},
+        **{field: c[field] for field in MoHLayout.field_names()},
+        group_query_attention=True, layernorm_epsilon=c["layernorm_epsilon"],
+        max_position_embeddings=m["max_sequence_length"], rotary_base=m["rotary_base"],
+        use_rope_scaling=bool(m.get("rope_scaling")), rope_scaling_factor=m.get("rope_scaling_factor"),
+        untie_embeddings_and_output_weights=not m["share_embeddings_and_output_weights"],
+        make_vocab_size_divisible_by=divisible_by, tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        **tokenizer)
+    argv = [*finetune_flags(described), "--seq-length", str(m["max_sequence_length"]), "--micro-batch-size", "1",
+            "--ckpt-format", "torch_dist"]
+    args = parse_megatron_args(argv, validate=False)
     args.rank, args.world_size = 0, tensor_parallel * pipeline_parallel
-    args.rotary_base = model_kwargs["rotary_base"]
+    args.rotary_base = m["rotary_base"]
     with contextlib.redirect_stdout(io.StringIO()):
         validate_args(args, {})
     from megatron.training.vocab_utils import calculate_padded_vocab_size
@@ -279,12 +278,10 @@ def _vocab_divisor(hf_dir: Path, vocab_size: int, requested: int, tensor_paralle
 
 
 def _check_layout(config_kwargs: dict, tensor_parallel: int, pipeline_parallel: int) -> None:
-    from megatron_moh.config import MoHConfigError, check_moh_config
-
-    layout = argparse.Namespace(**{"moh_attention_impl": "dense", "moh_load_balance_coeff": 0.0, **config_kwargs,
-                                   "tensor_model_parallel_size": tensor_parallel})
+    heads = config_kwargs["num_attention_heads"]
     try:
-        check_moh_config(layout)
+        MoHLayout.of(argparse.Namespace(**config_kwargs)).resolved(heads).check(
+            heads, config_kwargs["num_query_groups"], tensor_parallel)
     except MoHConfigError as err:
         raise CheckpointError(f"this model cannot run at TP={tensor_parallel}: {err}") from None
     if tensor_parallel < 1 or pipeline_parallel < 1 or config_kwargs["num_layers"] % pipeline_parallel:
@@ -410,9 +407,7 @@ def finetune_flags(args: argparse.Namespace) -> list[str]:
     if getattr(args, "moh_dense_baseline", False):
         flags += ["--moh-dense-baseline"]
     elif hasattr(args, "moh_router"):
-        flags += ["--moh-num-shared-heads", args.moh_num_shared_heads, "--moh-topk", args.moh_topk,
-                  "--moh-router", args.moh_router, "--moh-gate", args.moh_gate,
-                  "--moh-two-stage" if args.moh_two_stage else "--no-moh-two-stage"]
+        flags += MoHLayout.of(args).resolved(args.num_attention_heads).flags()
     flags += ["--tokenizer-type", args.tokenizer_type]
     if args.tokenizer_type == "NullTokenizer":
         flags += ["--vocab-size", args.vocab_size]

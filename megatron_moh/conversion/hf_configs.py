@@ -16,9 +16,10 @@ Imports read ``llama``, ``qwen2`` and ``qwen3`` (without sliding-window layers) 
 
 Initialisation documented here and relied on by callers:
 
-* query-norm router: nothing to initialise. ``MoHLayout.published(heads)`` is the layout of the
-  published MoH-LLaMA3 checkpoints (plain Llama weights, query-norm router, binary gates, first
-  50% of heads shared, 25% of heads routed-active); ``MoHLayout.dense(heads)`` keeps every head.
+* query-norm router: nothing to initialise. ``MoHLayout.preset("published", heads)`` is the layout of
+  the published MoH-LLaMA3 checkpoints (plain Llama weights, query-norm router, binary gates, first
+  50% of heads shared, 25% of heads routed-active); ``MoHLayout.preset("dense", heads)`` keeps every
+  head.
 * learned router: the router weight starts at ZERO. Every softmax is then uniform, so shared
   gates are ``h_s * (1 / h_s)``, two-stage weights ``2 * (1 / 2) = 1`` and weighted routed gates
   ``k * (1/E) / (k/E)``: 1 up to float rounding (exactly 1 when the head counts are powers of
@@ -29,7 +30,6 @@ Initialisation documented here and relied on by callers:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from megatron_moh.conversion import ConversionError
 from megatron_moh.conversion.weights import shape_of
 from megatron_moh.hf.configuration_moh import MoHLlamaConfig
+from megatron_moh.layout import MoHConfigError, MoHLayout
 
 # Llama-3.1 RoPE scaling as megatron-core's RotaryEmbedding._apply_scaling hard-codes it (its
 # default arguments; only the factor is a flag). tests/unit/test_hf_convert.py pins both sides.
@@ -45,44 +46,12 @@ MEGATRON_LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_
 LLAMA_FAMILY = {"llama": {}, "qwen2": dict(add_qkv_bias=True), "qwen3": dict(qk_layernorm=True)}
 
 
-@dataclass(frozen=True)
-class MoHLayout:
-    """Which heads are shared, how many routed heads a token keeps, and the router and gates."""
-
-    num_shared_heads: int
-    topk: int
-    router: str = "query_norm"
-    gate: str = "binary"
-    two_stage: bool = False
-
-    @classmethod
-    def dense(cls, heads: int) -> MoHLayout:
-        """Every head shared, gates exactly 1: the imported model computes what the Llama did."""
-        return cls(num_shared_heads=heads, topk=0)
-
-    @classmethod
-    def published(cls, heads: int) -> MoHLayout:
-        """The published MoH-LLaMA3 layout: first 50% of heads shared, 25% of heads routed-active,
-        query-norm router, binary gates."""
-        return cls(num_shared_heads=int(heads * 0.5), topk=int(heads * 0.25))
-
-    def as_hf_fields(self) -> dict[str, Any]:
-        """The ``moh_*`` fields of a MoHLlamaConfig."""
-        return dict(moh_num_shared_heads=self.num_shared_heads, moh_topk=self.topk,
-                    moh_router=self.router, moh_gate=self.gate, moh_two_stage=self.two_stage)
-
-
-LAYOUT_PRESETS = ("dense", "published")
-
-
 def _resolve_layout(layout: MoHLayout | str, heads: int) -> MoHLayout:
-    if isinstance(layout, MoHLayout):
-        return layout
-    if layout == "dense":
-        return MoHLayout.dense(heads)
-    if layout == "published":
-        return MoHLayout.published(heads)
-    raise ConversionError(f"layout={layout!r} is unknown: use a MoHLayout or one of {', '.join(LAYOUT_PRESETS)}")
+    """A MoHLayout or the name of a preset, resolved for ``heads`` query heads."""
+    try:
+        return (layout if isinstance(layout, MoHLayout) else MoHLayout.preset(layout, heads)).resolved(heads)
+    except MoHConfigError as err:
+        raise ConversionError(str(err)) from None
 
 
 def _check_llama_like(config: Any) -> None:
@@ -142,11 +111,7 @@ def moh_hf_config(
         mlp_bias=False,
         moh_qkv_bias=bool(megatron_config.add_qkv_bias),
         moh_qk_norm=bool(megatron_config.qk_layernorm),
-        moh_num_shared_heads=megatron_config.moh_num_shared_heads,
-        moh_topk=megatron_config.moh_topk,
-        moh_router=megatron_config.moh_router,
-        moh_gate=megatron_config.moh_gate,
-        moh_two_stage=bool(megatron_config.moh_two_stage),
+        **MoHLayout.of(megatron_config).resolved(s.heads).as_fields(),
         moh_attention_impl=megatron_config.moh_attention_impl,
         dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
         **extra,
@@ -201,7 +166,7 @@ def moh_config_from_llama(llama_config: Any, layout: MoHLayout | str) -> MoHLlam
     for key in ("model_type", "auto_map", "architectures", "transformers_version"):
         fields.pop(key, None)
     return MoHLlamaConfig(**fields, moh_qkv_bias=options["add_qkv_bias"], moh_qk_norm=options["qk_layernorm"],
-                          **_resolve_layout(layout, llama_config.num_attention_heads).as_hf_fields())
+                          **_resolve_layout(layout, llama_config.num_attention_heads).as_fields())
 
 
 def megatron_config_kwargs(hf_config: Any, layout: MoHLayout | str | None = None) -> dict[str, Any]:
@@ -218,17 +183,13 @@ def megatron_config_kwargs(hf_config: Any, layout: MoHLayout | str | None = None
     if getattr(hf_config, "model_type", None) == MoHLlamaConfig.model_type:
         if layout is not None:
             raise ConversionError("this config already has a MoH layout: pass layout=None")
-        moh = dict(moh_num_shared_heads=hf_config.moh_num_shared_heads, moh_topk=hf_config.moh_topk,
-                   moh_router=hf_config.moh_router, moh_gate=hf_config.moh_gate,
-                   moh_two_stage=bool(hf_config.moh_two_stage),
+        moh = dict(MoHLayout.of(hf_config).resolved(s.heads).as_fields(),
                    moh_attention_impl=getattr(hf_config, "moh_attention_impl", "auto"))
     else:
         if layout is None:
             raise ConversionError("a plain Llama config has no MoH layout: pass layout='dense', "
                                   "'published' or a MoHLayout")
-        chosen = _resolve_layout(layout, s.heads)
-        moh = dict(moh_num_shared_heads=chosen.num_shared_heads, moh_topk=chosen.topk,
-                   moh_router=chosen.router, moh_gate=chosen.gate, moh_two_stage=chosen.two_stage)
+        moh = _resolve_layout(layout, s.heads).as_fields()
     return dict(
         num_layers=s.layers,
         hidden_size=s.hidden,
@@ -257,14 +218,10 @@ def megatron_model_kwargs(hf_config: Any) -> dict[str, Any]:
 
 
 def is_dense(hf_config: Any) -> bool:
-    """True when every gate is exactly 1: all heads shared and no learned weighting of them."""
+    """True when every gate is exactly 1 (`MoHLayout.gates_are_one`), or for a plain Llama."""
     if getattr(hf_config, "model_type", None) != MoHLlamaConfig.model_type:
         return True
-    return (
-        hf_config.moh_topk == 0
-        and hf_config.moh_num_shared_heads == hf_config.num_attention_heads
-        and (hf_config.moh_gate == "binary" or hf_config.moh_router == "query_norm")
-    )
+    return MoHLayout.of(hf_config).gates_are_one(hf_config.num_attention_heads)
 
 
 def dense_llama_config(hf_config: MoHLlamaConfig) -> Any:

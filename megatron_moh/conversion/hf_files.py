@@ -31,7 +31,6 @@ from torch import Tensor
 from megatron_moh.conversion import ConversionError, hf_generation
 from megatron_moh.conversion.hf_configs import (
     LLAMA_FAMILY,
-    MoHLayout,
     dense_llama_config,
     megatron_config_kwargs,
     megatron_model_kwargs,
@@ -40,6 +39,7 @@ from megatron_moh.conversion.hf_tokenizer import load_export_tokenizer
 from megatron_moh.conversion.safetensors_io import TensorInfo, read_header, read_tensor, write_file
 from megatron_moh.conversion.weights import TensorMap, hf_to_megatron, tensor_maps
 from megatron_moh.hf.configuration_moh import MoHLlamaConfig
+from megatron_moh.layout import MoHLayout
 
 HF_CODE_DIR = Path(__file__).parent.parent / "hf"
 HF_CODE_FILES = ("configuration_moh.py", "modeling_moh.py")

@@ -84,7 +84,10 @@ def sparse_pays(device_type: str, phase: str, tokens: int, skipped: float, threa
 
 
 class MoHLlamaConfig(LlamaConfig):
-    """LlamaConfig plus the mixture-of-heads fields; None fields take the paper's defaults."""
+    """LlamaConfig plus the mixture-of-heads fields; None fields take the paper's defaults.
+
+    The choices, defaults and refusals copy megatron_moh.layout.MoHLayout's, which this file cannot
+    import; tests/unit/test_config.py holds the two in step."""
 
     model_type = "moh_llama"
 

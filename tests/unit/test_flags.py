@@ -1,9 +1,12 @@
 """Every Megatron-LM flag that shapes the model or its loss either does what it says or is refused
 with one line: none is accepted and ignored. This table is the audit; a maintainer extends it.
+It covers what megatron's ``Attention.forward`` does and ``MoHSelfAttention.forward`` copies
+(honoured: checked by running the layer) or leaves out (refused).
 
 Honoured flags are checked on the model that pretrain_moh.py would build (module types, parameter
-shapes, embedding settings) against the same model without the flag; loss flags point at the
-integration test that checks the loss. Refused flags must stop in `preflight.check_values`.
+shapes, embedding settings, and what the layer does in training and evaluation) against the same
+model without the flag; loss flags point at the integration test that checks the loss. Refused
+flags must stop, with one line, in the checks pretrain_moh.py runs before start-up.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import io
 import os
 from collections.abc import Callable
+from unittest import mock
 
 import pytest
 import torch
@@ -23,8 +27,8 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
 
-from megatron_moh import preflight
-from megatron_moh.arguments import parse_megatron_args
+from megatron_moh import preflight, specs
+from megatron_moh.arguments import parse_megatron_args, validate_megatron_args
 from megatron_moh.model import model_from_args
 from megatron_moh.moh_attention import MoHSelfAttention
 
@@ -74,6 +78,64 @@ def _on_moe(check: Callable) -> Callable:
 
 
 EXPERTS = ["--num-experts", "4"]
+HIDDEN = torch.randn(16, 2, 64, generator=torch.Generator().manual_seed(0))  # [s, b, hidden] into one layer
+
+
+def _varies_in_training(module: torch.nn.Module, *inputs) -> bool:
+    """Two training-mode calls differ (something is dropped at random) and two eval-mode calls agree."""
+    def output():
+        out = module(*inputs)
+        return out[0] if isinstance(out, tuple) else out
+
+    module.train()
+    first, second = output(), output()
+    module.eval()
+    with torch.no_grad():
+        agree = torch.equal(output(), output())
+    return agree and not torch.equal(first, second)
+
+
+def _tokens(model):
+    ids = torch.arange(32).view(2, 16) % 128
+    return ids, torch.arange(16).expand(2, 16), None
+
+
+def _core_attention_runs(model) -> int:
+    """How often the first layer's core attention runs in one training forward and backward (twice
+    when its backward recomputes it)."""
+    attention, runs = _attention(model), []
+    hook = attention.core_attention.register_forward_hook(lambda *_: runs.append(1))
+    attention.train()
+    out, _ = attention(HIDDEN.clone().requires_grad_(), None)
+    out.sum().backward()
+    hook.remove()
+    return len(runs)
+
+
+def _nvtx_ranges(model, args) -> set[str]:
+    """The NVTX ranges the first layer's attention opens while megatron has them on (it turns them on
+    with --nvtx-ranges when profiling starts)."""
+    if not args.nvtx_ranges:
+        return set()
+    from megatron.core import utils
+
+    opened = []
+    with mock.patch.object(torch.cuda.nvtx, "range_push", side_effect=opened.append), \
+            mock.patch.object(torch.cuda.nvtx, "range_pop"), mock.patch.object(utils, "_nvtx_enabled", True):
+        _attention(model)(HIDDEN, None)
+    return {name.rsplit(".", 1)[-1] for name in opened}
+
+
+def _rope_reads_interleaving(model, args) -> bool:
+    """The attention's RoPE follows config.rotary_interleaved: flipping it changes the output."""
+    attention = _attention(model).eval()
+    rope = model.rotary_pos_emb(16)
+    with torch.no_grad():
+        ours = attention(HIDDEN, None, rotary_pos_emb=rope)[0]
+        model.config.rotary_interleaved = not model.config.rotary_interleaved
+        flipped = attention(HIDDEN, None, rotary_pos_emb=rope)[0]
+        model.config.rotary_interleaved = not model.config.rotary_interleaved
+    return args.rotary_interleaved and not torch.equal(ours, flipped)
 
 
 # (flag(s), what must be true of the model built with them). Each check could fail: the default
@@ -110,8 +172,15 @@ HONOURED: dict[str, tuple[list[str], Callable]] = {
     "ffn-size": (["--ffn-hidden-size", "96"], lambda m, a: m.decoder.layers[0].mlp.linear_fc2.weight.shape[1] == 96),
     "init-std": (["--init-method-std", "0.2"],
                  lambda m, a: 0.15 < m.embedding.word_embeddings.weight.std().item() < 0.25),
-    "dropout": (["--hidden-dropout", "0.3", "--attention-dropout", "0.2"],
-                lambda m, a: (m.config.hidden_dropout, m.config.attention_dropout) == (0.3, 0.2)),
+    "hidden-dropout": (["--hidden-dropout", "0.3"], lambda m, a: _varies_in_training(m, *_tokens(m))),
+    "attention-dropout": (["--attention-dropout", "0.3"],
+                          lambda m, a: _varies_in_training(_attention(m), HIDDEN, None)),
+    # What megatron's Attention.forward does in training, in the MoH layer's forward.
+    "recompute-core-attention": (["--recompute-granularity", "selective", "--recompute-modules", "core_attn"],
+                                 lambda m, a: _core_attention_runs(m) == 2),
+    "nvtx-ranges": (["--nvtx-ranges"], lambda m, a: _nvtx_ranges(m, a) >= {"qkv", "rotary_pos_emb",
+                                                                          "core_attention", "linear_proj"}),
+    "rotary-interleaved": (["--rotary-interleaved"], _rope_reads_interleaving),
     "dense-baseline": (["--moh-dense-baseline"], lambda m, a: type(_attention(m)) is SelfAttention),
     "megatron-core-attention": (["--attention-backend", "unfused"],
                                 lambda m, a: type(_attention(m).core_attention) is DotProductAttention),
@@ -176,6 +245,23 @@ REFUSED: dict[str, tuple[list[str], str]] = {
     "moe-alltoall-expert-tp-on-cpu": ([*EXPERTS, "--moe-token-dispatcher-type", "alltoall", "--sequence-parallel",
                                        "--tensor-model-parallel-size", "2"], "which gloo cannot"),
     "moe-upcycling": ([*EXPERTS, "--moe-use-upcycling"], "--moe-use-upcycling (dense checkpoint -> MoE)"),
+    # What megatron's Attention.forward does and the MoH layer's forward leaves out.
+    "offload-attention": (["--fine-grained-activation-offloading", "--offload-modules", "core_attn"],
+                          "--offload-modules qkv_linear, core_attn, attn_proj offload inputs"),
+    "offload-qkv": (["--fine-grained-activation-offloading", "--offload-modules", "attn_norm", "qkv_linear"],
+                    "--offload-modules qkv_linear, core_attn, attn_proj"),
+    "cuda-graphs": (["--cuda-graph-impl", "local"], "--cuda-graph-impl: the MoH layer"),
+    "enable-cuda-graph": (["--enable-cuda-graph"], "--enable-cuda-graph: the MoH layer"),
+    "external-cuda-graph": (["--external-cuda-graph"], "--external-cuda-graph: the MoH layer"),
+    "flash-decode": (["--flash-decode"], "--flash-decode is megatron's inference path"),
+    "rl-step": (["--perform-rl-step"], "--perform-rl-step generates with megatron's inference engine"),
+    "sft-packed-sequences": (["--sft"], "--sft trains on packed sequences (THD)"),
+    "hybrid-cp": (["--hybrid-context-parallel"], "--hybrid-context-parallel packs sequences"),
+    "context-parallel": (["--context-parallel-size", "2"], "MoH attention does not support context parallelism"),
+    "sparse-attention-dropout": (["--moh-attention-impl", "sparse", "--attention-dropout", "0.1"],
+                                 "moh_attention_impl='sparse' has no attention dropout"),
+    "sparse-sliding-window": (["--moh-attention-impl", "sparse", "--attention-backend", "unfused", "--window-size",
+                               "8,0"], "moh_attention_impl='sparse' has no attention dropout and no sliding window"),
 }
 
 
@@ -192,10 +278,60 @@ def test_honoured_flag_changes_the_model(name, default_model):
     assert not check(*default_model), f"the check for {flags} holds without the flag too"
 
 
+def _start_up(flags: list[str]) -> None:
+    """pretrain_moh.py's checks before start-up: the flags, megatron's validation, the arguments."""
+    args = parse_megatron_args([*BASE, *flags], validate=False)
+    preflight.check_values(args)
+    try:
+        validate_megatron_args(args)
+    except AssertionError as err:
+        raise SystemExit(f"{preflight.PROG}: error: {preflight.explain_assertion(err)}") from None
+    preflight.check_args(args)
+
+
 @pytest.mark.parametrize("name", list(REFUSED))
-def test_unsupported_flag_is_refused(name):
+def test_unsupported_flag_is_refused(name, monkeypatch):
     flags, words = REFUSED[name]
-    with pytest.raises(SystemExit) as refusal, contextlib.redirect_stderr(io.StringIO()) as usage:
-        preflight.check_values(parse_megatron_args([*BASE, *flags], validate=False))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a world that --context-parallel-size 2 fits
+    with pytest.raises(SystemExit) as refusal, contextlib.redirect_stderr(io.StringIO()) as usage, \
+            contextlib.redirect_stdout(io.StringIO()):
+        _start_up(flags)
     message = str(refusal.value.code) if refusal.value.code != 2 else usage.getvalue().strip()  # usage error
     assert message.startswith("pretrain_moh.py: error: ") and "\n" not in message and words in message, message
+
+
+@pytest.fixture
+def gpu_visible(monkeypatch):
+    """A machine with a GPU, as far as the defaults and checks can tell (the model stays on the CPU)."""
+    from megatron_moh import platform
+
+    monkeypatch.setattr(platform, "cpu_requested", lambda: False)
+
+    def with_transformer_engine(present: bool) -> None:
+        for module in (specs, preflight):
+            monkeypatch.setattr(module, "have_transformer_engine", lambda: present)
+
+    return with_transformer_engine
+
+
+@pytest.mark.parametrize("te", [True, False])
+def test_gpu_default_spec_follows_transformer_engine(gpu_visible, te):
+    """With a GPU, --transformer-impl defaults to Transformer Engine where it imports and to the local
+    spec where it does not (README's first command then trains without TE)."""
+    gpu_visible(te)
+    assert parse_megatron_args(BASE, validate=False).transformer_impl == ("transformer_engine" if te else "local")
+    assert parse_megatron_args([*BASE, "--transformer-impl", "local"], validate=False).transformer_impl == "local"
+
+
+def test_gpu_without_transformer_engine_says_so_once(gpu_visible):
+    gpu_visible(False)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        _start_up([])
+    assert [line for line in out.getvalue().splitlines() if "Transformer Engine" in line] == [
+        "Transformer Engine is not installed: using the local spec (torch kernels)"]
+    with pytest.raises(SystemExit) as refusal, contextlib.redirect_stdout(io.StringIO()):
+        _start_up(["--fp8-format", "e4m3"])
+    assert "--fp8-format e4m3 needs NVIDIA Transformer Engine" in str(refusal.value.code)
+    with pytest.raises(SystemExit) as refusal, contextlib.redirect_stdout(io.StringIO()):
+        _start_up(["--transformer-impl", "transformer_engine"])
+    assert "--transformer-impl transformer_engine needs NVIDIA Transformer Engine" in str(refusal.value.code)

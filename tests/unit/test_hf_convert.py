@@ -8,7 +8,6 @@ import torch
 from megatron_moh.conversion import ConversionError
 from megatron_moh.conversion.hf_configs import (
     MEGATRON_LLAMA3_ROPE,
-    MoHLayout,
     dense_llama_config,
     is_dense,
     megatron_config_kwargs,
@@ -23,6 +22,7 @@ from megatron_moh.conversion.hf_files import (
     save_hf_checkpoint,
 )
 from megatron_moh.conversion.weights import hf_to_megatron, megatron_to_hf
+from megatron_moh.layout import MoHLayout
 from megatron_moh.model import build_gpt_model, llama_moh_config
 from megatron_moh.hf import MoHLlamaConfig
 from tests.helpers import tiny_config
@@ -113,29 +113,6 @@ def test_config_maps_round_trip(variant):
     assert megatron_model_kwargs(hf_cfg) == dict(
         vocab_size=VOCAB, max_sequence_length=MAX_SEQ, rotary_base=500000.0,
         share_embeddings_and_output_weights=True)
-
-
-def _layout_or_refusal(make):
-    try:
-        cfg = make()
-    except ValueError:
-        return "refused"
-    return cfg.moh_num_shared_heads, cfg.moh_topk, cfg.moh_gate, cfg.moh_two_stage
-
-
-@pytest.mark.parametrize("heads", [2, 3, 4, 6, 8, 12, 14, 16, 32])
-def test_hf_config_defaults_match_megatron_defaults(heads):
-    """Both sides fill the same MoH layout from the head count alone (or both refuse it)."""
-    layouts = set()
-    for router in ("learned", "query_norm"):
-        hf = _layout_or_refusal(lambda router=router: MoHLlamaConfig(
-            hidden_size=8 * heads, num_attention_heads=heads, num_hidden_layers=2, intermediate_size=128,
-            moh_router=router))
-        megatron = _layout_or_refusal(lambda router=router: tiny_config(
-            moh_router=router, hidden_size=8 * heads, num_attention_heads=heads, num_query_groups=heads))
-        assert hf == megatron, (router, hf, megatron)
-        layouts.add(hf)
-    assert any(layout != "refused" for layout in layouts)
 
 
 @pytest.mark.parametrize("fields,message", [

@@ -12,9 +12,10 @@ import textwrap
 import pytest
 import torch
 
-from megatron_moh.conversion.hf_configs import MoHLayout, moh_config_from_llama, moh_hf_config
+from megatron_moh.conversion.hf_configs import moh_config_from_llama, moh_hf_config
 from megatron_moh.conversion.hf_files import import_hf_checkpoint, save_dense_hf_checkpoint, save_hf_checkpoint
 from megatron_moh.conversion.weights import megatron_to_hf
+from megatron_moh.layout import MoHLayout
 from megatron_moh.model import build_gpt_model, llama_moh_config
 from megatron_moh.hf import MoHLlamaConfig, MoHLlamaForCausalLM
 from tests.helpers import tiny_config

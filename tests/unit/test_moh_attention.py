@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_moh.router import LOAD_BALANCE_LOSS
@@ -180,6 +181,18 @@ def test_auto_impl_picks_the_core_per_call(layout, seq, sparse, one_thread):
     assert attention._head_sparse(torch.empty(seq, 1, 8, 8)) is sparse
     torch.set_num_threads(2)
     assert attention._head_sparse(torch.empty(seq, 1, 8, 8)) is sparse
+
+
+@pytest.mark.parametrize("settings,training,sparse", [
+    (dict(attention_dropout=0.1), True, False),  # the head-sparse core has no attention dropout
+    (dict(attention_dropout=0.1), False, True),  # evaluation drops nothing
+    (dict(window_size=(64, 0), attention_backend=AttnBackend.unfused), False, False),  # nor a sliding window
+])
+def test_auto_impl_keeps_dropout_and_windows(settings, training, sparse, one_thread):
+    """``auto`` computes every head where the head-sparse core would drop a setting, even where it is faster."""
+    attention = build_attention(tiny_config(moh_num_shared_heads=2, moh_topk=2, **settings))
+    attention.train(training)
+    assert attention._head_sparse(torch.empty(4096, 1, 8, 8)) is sparse
 
 
 @pytest.mark.parametrize("router", ["learned", "query_norm"])

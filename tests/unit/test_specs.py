@@ -6,8 +6,9 @@ import pytest
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_moh.layout import moe_layer_pattern
 from megatron_moh.model import build_gpt_model
-from megatron_moh.specs import block_spec, moe_layer_pattern
+from megatron_moh.specs import block_spec
 from tests.helpers import tiny_config
 
 MOE = dict(num_moe_experts=4, moe_ffn_hidden_size=32)
@@ -17,13 +18,21 @@ MOE = dict(num_moe_experts=4, moe_ffn_hidden_size=32)
 def test_moe_layers_are_the_ones_megatron_picks(freq):
     cfg = tiny_config(num_layers=4, moe_layer_freq=freq, **MOE)
     megatron = [spec.submodules.mlp.func is MoELayer for spec in get_gpt_decoder_layer_specs(cfg, False)]
-    assert moe_layer_pattern(cfg) == megatron
+    assert moe_layer_pattern(cfg.moe_layer_freq, cfg.num_layers) == megatron
     built = block_spec(cfg).submodules.layer_specs
     assert [getattr(layer.submodules.mlp, "func", None) is MoELayer for layer in built] == megatron
 
 
 def test_dense_model_has_no_moe_layer():
-    assert moe_layer_pattern(tiny_config(num_layers=3)) == [False] * 3
+    built = block_spec(tiny_config(num_layers=3)).submodules.layer_specs
+    assert not any(getattr(layer.submodules.mlp, "func", None) is MoELayer for layer in built)
+
+
+@pytest.mark.parametrize("freq,message", [(0, "--moe-layer-freq 0 must be at least 1"),
+                                          ([1, 0], "for each of the 4 layers"), ([1, 2, 0, 1], "must give 0")])
+def test_bad_moe_layer_freq_is_one_line(freq, message):
+    with pytest.raises(ValueError, match=message):
+        moe_layer_pattern(freq, 4)
 
 
 def test_moe_layer_keeps_its_pre_mlp_norm_key():
