@@ -8,7 +8,9 @@ import torch
 from tests.launcher import launch
 
 SEQ, BATCH = 16, 2
-TOL = dict(rtol=1e-5, atol=1e-5)
+# fp32 sums split over TP ranks add in another order: a few 1e-5 on gradients of order 10 (measured up to
+# 2.4e-5 on qkv_grad at TP=4); a wrong gradient (a gate missing its all-reduce) is off by its own size.
+TOL = dict(rtol=1e-5, atol=5e-5)
 # The head-sparse path runs torch's flash kernels (online softmax): fp32 sums in another order.
 SPARSE_TOL = dict(rtol=1e-4, atol=1e-4)
 
