@@ -15,26 +15,26 @@ import io
 import sys
 from collections.abc import Sequence
 
-from megatron_moh import platform
+from megatron_moh import patches, platform
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse, check, train: megatron.training's loop with the MoH model, data and metrics."""
     platform.single_process_defaults()
     platform.setup()
+    patches.install_all()  # before --use-checkpoint-args can read a checkpoint during parsing
 
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.global_vars import set_global_variables
 
-    from megatron_moh import metrics, preflight
+    from megatron_moh import preflight
     from megatron_moh.arguments import TINY_MODEL, parse_megatron_args, validate_megatron_args
     from megatron_moh.data.corpus import use_builtin_data
     from megatron_moh.patches import checkpointing
     from megatron_moh.train import datasets_provider, forward_step, model_provider
 
-    checkpointing.install()  # before --use-checkpoint-args can read a checkpoint during parsing
     args = parse_megatron_args(sys.argv[1:] if argv is None else argv, validate=False)
     preflight.check_values(args)
     use_builtin_data(args)
@@ -51,7 +51,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.save and args.ckpt_format == "torch_dist":
             checkpointing.start_writer_helper()  # now, so that a signal cannot catch it starting in a save
         set_global_variables(args)
-        metrics.install()
         try:
             pretrain(
                 pretrain_cfg_container_from_args(args),
