@@ -34,7 +34,8 @@ def setup_one_rank(seed: int = 0, threads: int | None = None) -> torch.device:
 
 
 def _sync() -> None:
-    if platform.device().type == "cuda":
+    """Wait for queued GPU work, whichever device the step ran on (nothing to wait for without CUDA)."""
+    if torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
 
