@@ -15,7 +15,8 @@ faster of ``plain`` and ``sdpa`` measured in the same rounds. Routing is uniform
 token (what the load-balance loss aims for); ``--shared`` heads are always on.
 
 Timings are medians of ``--repeats`` runs after two warm-ups (the first compiles flex); the
-implementations take turns in every round so that load from other processes hits all alike.
+implementations take turns in every round so that load from other processes hits all alike
+(``benchmarks/common.interleaved_medians``).
 Wall-clock ratios are the headline; the CPU-time ratio is kept too (steadier for 1-thread runs on
 a shared machine). Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak of
 torch.profiler's memory timeline (bytes of tensors alive during the step, inputs included),
@@ -35,10 +36,8 @@ import math
 import os
 import platform
 import socket
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,7 +46,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import interleaved_medians  # noqa: E402
 from megatron_moh.flex_sparse_attention import flex_available, flex_head_sparse_attention  # noqa: E402
 from megatron_moh.hf.configuration_moh import skipped_attention, sparse_pays  # noqa: E402
 from megatron_moh.sparse_attention import head_sparse_attention  # noqa: E402
@@ -109,28 +110,13 @@ def step(fn: Callable, inputs, gates, backward: bool) -> Callable[[], None]:
     return run
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(run: Callable[[], None], device) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds of one run. On a shared machine CPU time is the steadier
-    measure of work for a 1-thread run (other processes delay it without adding to it)."""
-    sync(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    run()
-    sync(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
 def peak_memory_mib(run: Callable[[], None], device) -> float | None:
     """Peak bytes of live tensors during one run, in MiB (see the module docstring)."""
     if device.type == "cuda":
-        sync(device)
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         run()
-        sync(device)
+        torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
@@ -176,16 +162,11 @@ def bench_config(seq, topk, args, device, dtype):
         if backward and device.type == "cpu":  # compiled flex has no CPU backward
             impls.pop("flex", None)
         runs = {name: step(fn, inputs, gates, backward) for name, fn in impls.items()}
-        times = {name: [] for name in impls}
-        for run in runs.values():  # warm-up (flex compiles in the first)
-            run()
-            run()
-        for _ in range(args.repeats):  # interleaved, so background load hits every impl alike
-            for name, run in runs.items():
-                times[name].append(timed(run, device))
-        for name in impls:
-            result[f"{name}_{mode}_s"] = statistics.median(w for w, _ in times[name])
-            result[f"{name}_{mode}_cpu_s"] = statistics.median(c for _, c in times[name])
+        # two warm-ups (flex compiles in the first), then interleaved rounds
+        wall, cpu = interleaved_medians(list(runs.values()), args.repeats, warmup=2)
+        for name, wall_s, cpu_s in zip(runs, wall, cpu):
+            result[f"{name}_{mode}_s"] = wall_s
+            result[f"{name}_{mode}_cpu_s"] = cpu_s
         if backward and not args.no_memory:
             for name, run in runs.items():
                 result[f"{name}_fwd_bwd_peak_mib"] = peak_memory_mib(run, device)

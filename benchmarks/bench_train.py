@@ -4,9 +4,9 @@ dense attention, in one process. Prints a table, writes JSON.
 Every model uses the local spec's default core attention (torch SDPA, megatron_moh.core_attention);
 one dense row keeps megatron's DotProductAttention (``--attention-backend unfused``) to show what
 the SDPA core gains. Ratios are against the dense model with the SDPA core. MFU counts the model's
-FLOPs (forward + backward = 3 x forward; causal attention core at half the square, only for the
-heads each token used, as megatron_moh.metrics does) against ``--peak-tflops`` (default: the dense
-bf16 peak of a known GPU; none on CPU).
+FLOPs as training's log does (megatron's count with the attention core only for the heads each
+token used: megatron_moh.metrics.moh_flops) against ``--peak-tflops`` (default: the dense bf16 peak
+of a known GPU; none on CPU).
 
     .venv/bin/python benchmarks/bench_train.py             # hidden 384, 8 layers, seq 256, batch 4
     .venv/bin/python benchmarks/bench_train.py --quick     # fewer repeats
@@ -17,6 +17,8 @@ bf16 peak of a known GPU; none on CPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -39,13 +41,26 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def train_flops_per_token(args, active_heads: int) -> float:
-    """Forward+backward FLOPs per token of the Llama-style model (SwiGLU, untied output layer)."""
-    h, dh, heads, groups = args.hidden, args.hidden // args.heads, args.heads, args.heads
-    projections = 2 * h * (heads + 2 * groups) * dh + 2 * heads * dh * h
-    mlp = 3 * 2 * h * args.ffn
-    core = 2 * 2 * dh * active_heads * args.seq / 2  # QK^T and PV, causal half
-    return 3 * (args.layers * (projections + mlp + core) + 2 * h * args.vocab)
+def megatron_args(args) -> argparse.Namespace:
+    """megatron's arguments for the benchmark's model (Llama defaults, as its models are built)."""
+    from megatron_moh.arguments import parse_megatron_args
+
+    flags = ["--num-layers", args.layers, "--hidden-size", args.hidden, "--ffn-hidden-size", args.ffn,
+             "--num-attention-heads", args.heads, "--seq-length", args.seq, "--max-position-embeddings", args.seq,
+             "--micro-batch-size", args.batch, "--global-batch-size", args.batch, "--vocab-size", args.vocab,
+             "--mock-data", "--tokenizer-type", "NullTokenizer", "--train-iters", 1]
+    with contextlib.redirect_stdout(io.StringIO()):  # megatron prints the arguments it validates
+        parsed = parse_megatron_args([str(flag) for flag in flags])
+    parsed.padded_vocab_size = args.vocab
+    return parsed
+
+
+def train_flops_per_step(model_args: argparse.Namespace, moh: bool, shared: int, topk: int) -> float:
+    """Forward+backward FLOPs of one step, counted as training's log counts them."""
+    from megatron_moh.metrics import moh_flops
+
+    layout = dict(moh_dense_baseline=not moh, moh_num_shared_heads=shared, moh_topk=topk)
+    return moh_flops(argparse.Namespace(**{**vars(model_args), **layout}), model_args.global_batch_size)
 
 
 def main() -> None:
@@ -131,10 +146,11 @@ def main() -> None:
     memory = [memory_bytes(step) for step in steps]
     per_step = args.batch * args.seq
     peak = args.peak_tflops or peak_tflops(device)
+    model_args = megatron_args(args)
     rows = []
-    for (label, _, _, shared, topk, impl, backend), p, t, c, m in zip(settings, params, seconds,
-                                                                           cpu_seconds, memory):
-        flops = train_flops_per_token(args, shared + topk) * per_step / t
+    for (label, moh, _, shared, topk, impl, backend), p, t, c, m in zip(settings, params, seconds,
+                                                                             cpu_seconds, memory):
+        flops = train_flops_per_step(model_args, moh, shared, topk) / t
         rows.append({"setting": label, "moh_attention_impl": impl, "attention_backend": backend.name,
                      "active_fraction": (shared + topk) / h, "parameters": p,
                      "tokens_per_second": per_step / t, "seconds": t, "cpu_seconds": c,

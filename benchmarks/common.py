@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from megatron_moh import platform
+from megatron_moh import patches, platform
 
 
 def setup_one_rank(seed: int = 0, threads: int | None = None) -> torch.device:
@@ -22,6 +22,7 @@ def setup_one_rank(seed: int = 0, threads: int | None = None) -> torch.device:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     device = platform.setup()
+    patches.install_all()
     platform.single_process_defaults()
     if threads:
         torch.set_num_threads(threads)
@@ -33,7 +34,8 @@ def setup_one_rank(seed: int = 0, threads: int | None = None) -> torch.device:
 
 
 def _sync() -> None:
-    if platform.device().type == "cuda":
+    """Wait for queued GPU work, whichever device the step ran on (nothing to wait for without CUDA)."""
+    if torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
 

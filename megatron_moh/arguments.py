@@ -123,10 +123,6 @@ def transformer_engine_default() -> bool:
     return not platform.cpu_requested() and have_transformer_engine()
 
 
-# Said once at start-up (preflight.check_args) where a GPU is visible but the default fell back.
-LOCAL_SPEC_ON_GPU = "Transformer Engine is not installed: using the local spec (torch kernels)"
-
-
 def _escape_stray_percent(parser: argparse.ArgumentParser) -> None:
     """argparse formats help strings with ``%``; megatron-core 0.19.2 has one with a bare ``%``
     (``--moe-paged-stash-buffer-size-factor-cuda``: "...10%).") that makes ``--help`` crash."""

@@ -1,7 +1,8 @@
 """Finding, verifying and pre-flight checking megatron ``torch_dist`` checkpoints.
 
 Saving and resuming are megatron.training's own (``--save``, ``--load``, ``--save-interval``,
-``--exit-*``), made safe and exact by `megatron_moh.patches.checkpointing`. This module answers
+``--exit-*``), made safe and exact by `megatron_moh.patches.checkpointing`; every read here refuses
+to run without those patches (`megatron_moh.patches.install_all`). This module answers
 "is this checkpoint usable, and by this run?" before any process group starts: a ``--load`` that
 cannot work (missing, partial, damaged, another model shape or vocabulary, distributed-optimizer
 state that cannot be resharded) is refused with one line (`check_load`). `verify_checkpoint`
@@ -75,7 +76,7 @@ def _check_complete(path: Path) -> None:
         raise CheckpointError(f"{path} is not a torch_dist checkpoint (no metadata.json)")
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path} is incomplete (no .metadata): its save did not finish")
-    checkpointing.install()
+    checkpointing.require_safe_loading()
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
@@ -96,7 +97,7 @@ def _check_complete(path: Path) -> None:
 def read_common_state(checkpoint_path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's common (non-tensor) state, read safely: ``args``, ``iteration``,
     ``content_metadata``, ... Works without a process group."""
-    checkpointing.install()
+    checkpointing.require_safe_loading()
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
@@ -151,7 +152,7 @@ class DataItem:
 
 def data_items(path: str | os.PathLike) -> list[DataItem]:
     """The archives of the torch_dist checkpoint directory ``path``, in the order of their files."""
-    checkpointing.install()
+    checkpointing.require_safe_loading()
     from torch.distributed.checkpoint import FileSystemReader
 
     storage = FileSystemReader(str(path)).read_metadata().storage_data
@@ -304,9 +305,8 @@ def check_load(args: argparse.Namespace) -> None:
     A ``--load`` directory with no checkpoint is fine only when it is also the ``--save``
     directory (the first launch of an auto-resuming job), or when ``--pretrained-checkpoint``
     names one (megatron fine-tunes from it, which is checked instead); anywhere else megatron
-    would silently start from random weights. Also installs megatron_moh.patches.checkpointing.
+    would silently start from random weights.
     """
-    checkpointing.install()
     load = getattr(args, "load", None)
     if load is None:
         return

@@ -98,8 +98,8 @@ def _with_moh_metrics(original_log):
 
 
 def install() -> None:
-    """Hook the MoH metrics into megatron.training's log and FLOP count (idempotent; call before
-    pretrain)."""
+    """Hook the MoH metrics into megatron.training's log and FLOP count (idempotent;
+    `megatron_moh.patches.install_all` calls it)."""
     wrap(megatron_training, "training_log", _with_moh_metrics, why="MoH metrics in megatron's log",
          params=("loss_dict", "total_loss_dict", "learning_rate", "iteration"))
     replace(megatron_training, "num_floating_point_operations", moh_flops,

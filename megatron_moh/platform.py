@@ -1,8 +1,9 @@
 """Where megatron-moh runs: CUDA + NCCL on GPUs, or CPU + gloo everywhere else.
 
 The CPU is chosen when no GPU is visible, or on request with ``MOH_CPU=1``; megatron's CUDA-only
-calls are then redirected by `megatron_moh.patches.cpu`. This module and that one are the only
-ones of the project that name cuda, nccl or gloo.
+calls are then redirected by `megatron_moh.patches.cpu`, which `megatron_moh.patches.install_all`
+installs after `setup` chose the CPU. This module and that one are the only ones of the project
+that name cuda, nccl or gloo.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any
 
 import torch
 
-from megatron_moh.patches import cpu as cpu_patches
+from megatron_moh import patches
+
+_CPU_CHOSEN = False
 
 
 def cpu_requested() -> bool:
@@ -29,28 +32,32 @@ def _real_cuda_is_available() -> bool:
         return False
 
 
+def on_cpu() -> bool:
+    """Whether this process runs on the CPU: `setup` chose it, or no GPU is usable."""
+    return _CPU_CHOSEN or cpu_requested()
+
+
 def device() -> torch.device:
     """The device tensors of this process live on."""
-    if cpu_patches.active() or cpu_requested():
+    if on_cpu():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
 
 
 def distributed_backend() -> str:
     """The torch.distributed backend that matches `device()`."""
-    return "gloo" if (cpu_patches.active() or cpu_requested()) else "nccl"
+    return "gloo" if on_cpu() else "nccl"
 
 
 def setup(force_cpu: bool | None = None) -> torch.device:
-    """Pick the device for this process; on CPU, redirect megatron-core's CUDA calls.
+    """Choose the device for this process: the CPU (``force_cpu``, or no usable GPU; a choice that
+    stays for the life of the process), or this rank's GPU.
 
-    Call once at start-up, before megatron builds anything.
+    Call once at start-up, then `megatron_moh.patches.install_all`.
     """
-    from megatron_moh.patches import megatron_training
-
-    megatron_training.install()
-    if force_cpu or (force_cpu is None and cpu_requested()):
-        cpu_patches.install()
+    global _CPU_CHOSEN
+    if force_cpu or (force_cpu is None and on_cpu()):
+        _CPU_CHOSEN = True
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -71,7 +78,10 @@ def single_process_defaults() -> None:
 
 
 def init_process_group(rank: int, world_size: int, init_method: str | None = None, **kwargs: Any) -> None:
-    """`torch.distributed.init_process_group` with the backend of this platform."""
+    """`torch.distributed.init_process_group` with the backend of this platform; on the CPU only
+    once megatron's CUDA calls are redirected (`megatron_moh.patches.install_all`)."""
+    if on_cpu():
+        patches.require(torch.cuda, "current_device")
     torch.distributed.init_process_group(
         backend=distributed_backend(),
         rank=rank,

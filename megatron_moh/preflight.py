@@ -20,8 +20,7 @@ from typing import Any
 
 from megatron.core.rerun_state_machine import EXIT_CODE_FAILED_ON_RESULT_VALIDATION, EXIT_CODE_RESUME_TO_DISAMBIGUATE
 
-from megatron_moh import platform
-from megatron_moh.arguments import LOCAL_SPEC_ON_GPU, PROG, TINY_MODEL
+from megatron_moh.arguments import PROG, TINY_MODEL
 from megatron_moh.checkpoint import CheckpointError, check_load, first_line
 from megatron_moh.config import MoHConfigError, check_moh_config, resolve_moh_defaults
 from megatron_moh.layout import moe_layer_pattern
@@ -257,8 +256,6 @@ def check_args(args: argparse.Namespace) -> None:
             require_transformer_engine(f"--fp8-format {args.fp8}")
         if args.transformer_impl == "transformer_engine":
             require_transformer_engine("--transformer-impl transformer_engine")
-        elif args.rank == 0 and not platform.cpu_requested() and not have_transformer_engine():
-            print(LOCAL_SPEC_ON_GPU)
         resolve_moh_defaults(args)
         check_moh_config(args)
         _check_model_config(args)

@@ -9,8 +9,8 @@ get.
 Layout. The shared heads run torch's causal SDPA over every row. For the routed heads, each
 (sequence, routed head) pair with at least one chosen row is a *lane*, and all lanes are batched:
 
-* a lane chosen by most tokens (``_WHOLE_LANE_FRACTION``) is computed whole with the causal
-  kernel, which skips the masked half of the score matrix for free;
+* a lane chosen by most tokens (`SparsePlan.whole_lane_fraction`) is computed whole with the
+  causal kernel, which skips the masked half of the score matrix for free;
 * the other lanes' chosen rows are packed in position order (padded to the longest lane) and
   cut into chunks of rows. Chunk ``j`` is one SDPA call over the lanes that still have rows
   there, against keys ``0 .. L_j - 1`` (``L_j`` one past the largest position in the chunk),
@@ -33,30 +33,42 @@ gradients are exact.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Rows per SDPA call for packed lanes. Smaller chunks follow the causal staircase more closely (a
-# chunk of r of M rows costs about (1 + r / M) / 2 of the full key length), but each call's
-# backward also pays per key and lane about what _CALL_COST_ROWS more rows would cost (measured on
-# CPU, torch 2.14 flash kernel). The product is smallest near r = sqrt(_CALL_COST_ROWS * M).
-_CALL_COST_ROWS = 34
-_MIN_CHUNK_ROWS = 32
-# A lane chosen by at least this fraction of its sequence's tokens is computed whole: packed rows
-# cost about 1.5x more per row than the causal kernel (chunk overshoot, masks, shorter calls), so
-# packing stops paying near 2/3 of the rows.
-_WHOLE_LANE_FRACTION = 0.6
-# Split a packed chunk's keys into an unmasked prefix and a masked band (CPU) only when the prefix
-# is at least this long: a shorter one saves less mask than the extra kernel call costs.
-_MIN_SPLIT_PREFIX = 128
 
+@dataclass(frozen=True)
+class SparsePlan:
+    """How `head_sparse_attention` lays out the routed lanes. The defaults are measured (CPU, torch
+    2.14 flash kernel); tests pass other plans to reach every path with tiny inputs. Any plan gives
+    the same result."""
 
-def _chunk_rows(max_rows: int) -> int:
-    """Rows per chunk for packed lanes of up to ``max_rows`` rows, a multiple of 16."""
-    rows = max(_MIN_CHUNK_ROWS, math.isqrt(_CALL_COST_ROWS * max_rows))
-    return -(-rows // 16) * 16
+    call_cost_rows: int = 34
+    """Smaller chunks follow the causal staircase more closely (a chunk of r of M rows costs about
+    (1 + r / M) / 2 of the full key length), but each call's backward also pays per key and lane
+    about what this many more rows would cost. The product is smallest near r = sqrt(this * M)."""
+    min_chunk_rows: int = 32
+    chunk_rows: int | None = None
+    """Rows per packed chunk; None: from ``call_cost_rows`` and ``min_chunk_rows``."""
+    whole_lane_fraction: float = 0.6
+    """A lane chosen by at least this fraction of its sequence's tokens is computed whole: packed
+    rows cost about 1.5x more per row than the causal kernel (chunk overshoot, masks, shorter
+    calls), so packing stops paying near 2/3 of the rows."""
+    split_keys: bool = True
+    """On CPU with torch's flash ops, split a packed chunk's keys into the prefix every row sees (no
+    mask) and a masked band; False: one masked call per chunk (what other devices run)."""
+    min_split_prefix: int = 128
+    """Split only from this prefix length: a shorter one saves less mask than the extra call costs."""
+
+    def rows_per_chunk(self, max_rows: int) -> int:
+        """Rows per chunk for packed lanes of up to ``max_rows`` rows (a multiple of 16 by default)."""
+        if self.chunk_rows is not None:
+            return self.chunk_rows
+        rows = max(self.min_chunk_rows, math.isqrt(self.call_cost_rows * max_rows))
+        return -(-rows // 16) * 16
 
 
 def _flash_cpu_ops():
@@ -181,12 +193,13 @@ class _PrefixBandAttention(torch.autograd.Function):
         return dq_a.add_(dq_b), dk_a, dv_a, dk_b, dv_b, None, None
 
 
-def _split_keys(start: int, device: torch.device) -> bool:
+def _split_keys(start: int, device: torch.device, plan: SparsePlan) -> bool:
     """Whether a chunk whose rows all see keys ``[0, start)`` runs as prefix + masked band."""
-    return start >= _MIN_SPLIT_PREFIX and _FLASH_CPU is not None and device.type == "cpu"
+    return (plan.split_keys and start >= plan.min_split_prefix and _FLASH_CPU is not None
+            and device.type == "cpu")
 
 
-def _plan_packed(chosen: Tensor, counts: Tensor):
+def _plan_packed(chosen: Tensor, counts: Tensor, plan: SparsePlan):
     """Pack the chosen rows of lanes ``chosen`` ``[lanes, s]`` (sorted by ``counts``, most first)
     and cut them into chunks.
 
@@ -198,7 +211,7 @@ def _plan_packed(chosen: Tensor, counts: Tensor):
     # A stable sort of "not chosen" lists a lane's chosen positions first, in position order.
     positions = torch.sort((~chosen).to(torch.uint8), dim=1, stable=True).indices
     max_rows = int(counts[0])  # host sync
-    rows = _chunk_rows(max_rows)
+    rows = plan.rows_per_chunk(max_rows)
     starts = list(range(0, max_rows, rows))
     positions = positions[:, :max_rows]
     valid = torch.arange(max_rows, device=device)[None, :] < counts[:, None]
@@ -215,19 +228,19 @@ def _plan_packed(chosen: Tensor, counts: Tensor):
     return positions, causal_pos, chunks
 
 
-def _sort_lanes(gates: Tensor, first: int) -> tuple[Tensor, Tensor, Tensor, int, int]:
+def _sort_lanes(gates: Tensor, first: int, plan: SparsePlan) -> tuple[Tensor, Tensor, Tensor, int, int]:
     """Lanes (sequence x routed head) by rows chosen, most first: the chosen mask ``[lanes, s]``,
     sorted counts, lane ids, and how many lanes are whole-lane busy and non-empty."""
     s, b, hp = gates.shape
     chosen = (gates[:, :, first:] != 0).permute(1, 2, 0).reshape(b * (hp - first), s)
     counts, lanes = torch.sort(chosen.sum(dim=1), descending=True, stable=True)
-    whole_rows = max(1, math.ceil(_WHOLE_LANE_FRACTION * s))
+    whole_rows = max(1, math.ceil(plan.whole_lane_fraction * s))
     n_whole, active = torch.stack([(counts >= whole_rows).sum(), (counts > 0).sum()]).tolist()
     return chosen, counts, lanes, n_whole, active
 
 
 def _routed_heads(query: Tensor, key: Tensor, value: Tensor, gates: Tensor, first: int,
-                  scale: float, sorted_lanes: tuple[Tensor, Tensor, Tensor, int, int]) -> Tensor:
+                  scale: float, sorted_lanes: tuple[Tensor, Tensor, Tensor, int, int], plan: SparsePlan) -> Tensor:
     """Gated attention output ``[s, b, hp - first, d]`` of heads ``first ..``: computed for the
     rows whose gate is nonzero, 0 elsewhere. Lanes with most rows first: whole lanes, then
     packed lanes, then empty lanes (dropped)."""
@@ -248,11 +261,11 @@ def _routed_heads(query: Tensor, key: Tensor, value: Tensor, gates: Tensor, firs
         index.append((0, torch.arange(s, device=device).expand(n_whole, s)))
     if active > n_whole:
         positions, causal_pos, chunks = _plan_packed(chosen[lanes[n_whole:active]],
-                                                     counts[n_whole:active])
+                                                     counts[n_whole:active], plan)
         index.append((n_whole, positions))
         for n, _, _, length, start in chunks:
             lo, hi = n_whole, n_whole + n
-            if _split_keys(start, device):
+            if _split_keys(start, device, plan):
                 spans += [(lo, hi, 0, start), (lo, hi, start, length)]
             else:
                 spans.append((lo, hi, 0, length))
@@ -270,7 +283,7 @@ def _routed_heads(query: Tensor, key: Tensor, value: Tensor, gates: Tensor, firs
         chunk_out = []
         for (n, a, z, length, start), q in zip(chunks, _Blocks.apply(q_packed, blocks)):
             q = q[:, None]
-            if _split_keys(start, device):
+            if _split_keys(start, device, plan):
                 k_a, v_a, k_b, v_b = next(keys), next(values), next(keys), next(values)
                 band = _causal_rows(causal_pos[:n, a:z] - start, length - start, query.dtype)
                 o = _PrefixBandAttention.apply(q, k_a[:, None], v_a[:, None], k_b[:, None],
@@ -332,6 +345,7 @@ def head_sparse_attention(
     gates: Tensor,
     num_dense_heads: int,
     softmax_scale: float | None = None,
+    plan: SparsePlan = SparsePlan(),
 ) -> Tensor:
     """Gated causal attention that skips the query rows whose routed-head gate is exactly 0.
 
@@ -343,6 +357,7 @@ def head_sparse_attention(
         num_dense_heads: how many of the leading local heads are computed for every row (the
             shared heads of this tensor-parallel rank); the heads after them are routed.
         softmax_scale: defaults to ``1 / sqrt(d)``.
+        plan: how the routed lanes are laid out (`SparsePlan`; the result does not depend on it).
 
     Returns:
         ``[s, b, hp * d]`` in ``query``'s dtype, equal to ``gate_heads(causal_attention(query,
@@ -355,7 +370,7 @@ def head_sparse_attention(
 
     sorted_lanes = None
     if num_dense_heads < hp:
-        sorted_lanes = _sort_lanes(gates, num_dense_heads)
+        sorted_lanes = _sort_lanes(gates, num_dense_heads, plan)
         if sorted_lanes[3] == b * (hp - num_dense_heads):
             # Every routed lane is busy: all heads in one causal call, as cheap as it gets. Same
             # values; a zero routed gate gets a zero gradient, as on the sparse path.
@@ -367,6 +382,6 @@ def head_sparse_attention(
         dense = dense_causal_heads(query, key, value, num_dense_heads, scale)
         parts.append(dense * gates[:, :, :num_dense_heads, None].to(dense.dtype))
     if sorted_lanes is not None:
-        parts.append(_routed_heads(query, key, value, gates, num_dense_heads, scale, sorted_lanes))
+        parts.append(_routed_heads(query, key, value, gates, num_dense_heads, scale, sorted_lanes, plan))
     heads = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return heads.reshape(s, b, hp * d)

@@ -6,12 +6,13 @@ import tempfile
 import pytest
 import torch
 
-from megatron_moh import platform
+from megatron_moh import patches, platform
 
 # Everything runs on the CPU, except the GPU checks (tests/gpu) in a session that asks for CUDA
-# with MOH_TEST_GPU=1 (benchmarks/gpu/check.sh does).
+# with MOH_TEST_GPU=1 (benchmarks/gpu/check.sh does). The session is an entry point: every patch.
 GPU_SESSION = os.environ.get("MOH_TEST_GPU", "0") == "1"
 platform.setup(force_cpu=None if GPU_SESSION else True)
+patches.install_all()
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

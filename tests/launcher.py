@@ -32,9 +32,10 @@ def _worker(fn: Callable, rank: int, world_size: int, init_file: str, queue, arg
         import torch
         from torch.utils._pytree import tree_map
 
-        from megatron_moh import platform
+        from megatron_moh import patches, platform
 
         platform.setup(force_cpu=True)
+        patches.install_all()
         torch.set_num_threads(1)
         platform.init_process_group(rank, world_size, init_method=f"file://{init_file}")
         result = tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t,

@@ -55,9 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--headroom-gb", type=float, default=8.0, help="kept free for what the model omits")
     parser.add_argument("--vocab-size", type=int, default=128256, help="the tokenizer's (Llama-3: 128,256)")
     opts = parser.parse_args(argv)
-    from megatron_moh import platform
+    from megatron_moh import patches, platform
 
     platform.setup(force_cpu=True)  # megatron's argument checks query the GPU; nothing here needs one
+    patches.install_all()
     flags = sys.stdin.read().split("\n")
     flags = [flag for flag in flags if flag]
     chosen = {name: int(flags[flags.index(flag) + 1]) for name, flag in

@@ -112,10 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     """Check everything, load the model, analyse, write; bad input exits with one line first."""
     opts = build_parser().parse_args(argv)
 
-    from megatron_moh import platform
+    from megatron_moh import patches, platform
 
     platform.single_process_defaults()
     device = platform.setup()
+    patches.install_all()
 
     from megatron_moh import tokenizer as tok
     from megatron_moh.analysis import plots

@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     opts = build_parser().parse_args(argv)
     layout = _layout(opts) if opts.command == "import-hf" else None
 
-    from megatron_moh import platform
+    from megatron_moh import patches, platform
 
     platform.single_process_defaults()
     platform.setup()
+    patches.install_all()  # safe loading, and a full disk named as such when saving
 
     import torch
 
@@ -91,9 +92,6 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_moh.conversion import ConversionError
     from megatron_moh.conversion.hf_checkpoint import export_hf, finetune_flags, import_hf
     from megatron_moh.outputs import describe_os_error, no_space, ran_out_of_space
-    from megatron_moh.patches import checkpointing
-
-    checkpointing.install()  # safe loading, and a full disk named as such when saving
     try:
         if opts.command == "export-hf":
             out = export_hf(opts.load, opts.out, dense=opts.dense, tokenizer_model=opts.tokenizer_model,

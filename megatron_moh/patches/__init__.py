@@ -10,7 +10,9 @@ fails loudly in CI.
 The patches themselves live beside this module, one file per concern:
 `cpu` (megatron on CPU with gloo), `checkpointing` (safe, exact checkpoints),
 `megatron_training` (start-up and argument parsing of megatron.training); the MoH metrics hook
-megatron's log from `megatron_moh.metrics`.
+megatron's log from `megatron_moh.metrics`. `install_all` installs every one of them and is called
+by the entry points only (``pretrain_moh.py``, the commands, the scripts, the test harness);
+library code that depends on a patch checks it with `require` and fails loudly without it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from typing import Any, Callable
 
 class PatchTargetMissing(RuntimeError):
     """A patch's target is gone or changed shape: the dependency was upgraded past this project."""
+
+
+class PatchNotInstalled(RuntimeError):
+    """Code that depends on a patch ran in a process whose entry point did not install it."""
 
 
 @dataclass(frozen=True)
@@ -92,3 +98,25 @@ def original(owner: Any, name: str) -> Any:
 def installed() -> list[Patch]:
     """Every patch installed in this process, in installation order."""
     return list(_INSTALLED.values())
+
+
+def require(owner: Any, name: str) -> None:
+    """Raise `PatchNotInstalled` unless ``owner.name`` was patched in this process."""
+    if (id(owner), name) not in _INSTALLED:
+        raise PatchNotInstalled(f"{_owner_name(owner)}.{name} is not patched in this process: call "
+                                f"megatron_moh.patches.install_all() at start-up, as the entry points do")
+
+
+def install_all() -> None:
+    """Install every patch of the project (idempotent). Entry points call it once, after
+    `megatron_moh.platform.setup` chose the device and before megatron builds or reads anything:
+    the CPU redirection when the device is the CPU, then megatron.training's start-up,
+    checkpointing and the MoH metrics."""
+    from megatron_moh import metrics, platform
+    from megatron_moh.patches import checkpointing, cpu, megatron_training
+
+    megatron_training.install()
+    if platform.on_cpu():
+        cpu.install()
+    checkpointing.install()
+    metrics.install()

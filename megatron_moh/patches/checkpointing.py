@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from megatron_moh.patches import replace, wrap
+from megatron_moh.patches import replace, require, wrap
 
 _METADATA_MODULES = frozenset({
     "torch.distributed.checkpoint.metadata",
@@ -108,6 +108,15 @@ def _install_safe_loading() -> None:
             why="never unpickle arbitrary classes from a checkpoint's .metadata", params=("self",))
     replace(default_planner.DefaultLoadPlanner, "load_bytes", _load_bytes_weights_only,
             why="non-tensor checkpoint items load with weights_only=True", params=("self", "read_item", "value"))
+
+
+def require_safe_loading() -> None:
+    """Raise `PatchNotInstalled` unless this process reads checkpoints safely: without the patches
+    above, torch's reader would unpickle whatever a checkpoint file holds."""
+    from torch.distributed.checkpoint import default_planner, filesystem
+
+    require(filesystem.FileSystemReader, "read_metadata")
+    require(default_planner.DefaultLoadPlanner, "load_bytes")
 
 
 def _torch_adam_fallback(optimizer: Any) -> bool:
@@ -318,7 +327,8 @@ def _install_full_disk_checks() -> None:
 
 def install() -> None:
     """Safe loading, exact distributed-optimizer resume, saves that survive the job's signals and
-    report a full disk (idempotent; call before the first checkpoint is read or written)."""
+    report a full disk (idempotent; `megatron_moh.patches.install_all` calls it before the first
+    checkpoint is read or written)."""
     _install_safe_loading()
     _install_distributed_optimizer_fixes()
     _install_sheltered_writer()

@@ -4,7 +4,7 @@ megatron assumes CUDA in a few hundred places (current device, streams, events, 
 model-parallel "CUDA" RNG tracker, literal ``device="cuda"`` tensors, ``Tensor.type()`` strings).
 `install` redirects all of them, so TP, SP, PP, DP, EP (both MoE token dispatchers), the
 distributed optimizer, distributed checkpoints and ``megatron.training`` run on a laptop.
-`megatron_moh.platform` decides when.
+`megatron_moh.platform` decides when; `megatron_moh.patches.install_all` installs it then.
 """
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ from torch.overrides import TorchFunctionMode
 from megatron_moh.patches import replace, wrap
 
 _MODE: "_CudaToCpu | None" = None
-
-
-def active() -> bool:
-    """Whether this process runs megatron on the CPU."""
-    return _MODE is not None
 
 
 def _is_cuda_device(dev: Any) -> bool:

@@ -50,7 +50,7 @@ def _stop_on_divergence(train_step: Any) -> Any:
 
 
 def install() -> None:
-    """Idempotent; call before megatron.training initialises."""
+    """Idempotent; `megatron_moh.patches.install_all` calls it before megatron.training initialises."""
     from megatron.core.datasets import utils as dataset_utils
     from megatron.core.rerun_state_machine import RerunStateMachine
     from megatron.training import training

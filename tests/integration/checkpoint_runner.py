@@ -110,10 +110,7 @@ def sigterm_in_first_save_worker(rank: int, world: int, argv: list[str], moment:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.training import training
 
-    from megatron_moh.patches import checkpointing
-
-    os.setpgrp()
-    checkpointing.install()  # the hooks below go around the project's patches
+    os.setpgrp()  # the launcher installed the project's patches; the hooks below go around them
     state = dict(saves=0, saving=False, asking=False, sent=False)
 
     def signal_group() -> None:

@@ -1,13 +1,16 @@
-"""The README's main job: the tiny MoH model learns on the built-in corpus; bad inputs are refused
-with one line before any work."""
+"""The README's main job: the tiny MoH model learns on the built-in corpus, and its first screen
+says in one line what megatron-core and torch say in a page. Refusals are in test_bad_input.py
+(end to end) and tests/unit/test_preflight.py (their wording)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.pretrain_runner import exit_message_worker, losses, pretrain_worker
+from megatron_moh import console
+from tests.integration.pretrain_runner import SMALL_MODEL, losses, pretrain_worker
 from tests.launcher import launch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,55 +31,6 @@ def test_builtin_default_learns_real_text(data_cache):
     assert last < first - 1.5, f"loss went from {first} to {last}"
 
 
-def _refusal(argv):
-    (message,) = launch(exit_message_worker, 1, argv, timeout=300)
-    assert "\n" not in message, message
-    return message
-
-
-def test_missing_data_path_is_refused(tmp_path, data_cache):
-    from megatron_moh.data.corpus import prepare_builtin_dataset
-
-    _, tokenizer = prepare_builtin_dataset(cache_dir=data_cache)
-    message = _refusal(["--data-path", str(tmp_path / "nothing_here"), "--tokenizer-type",
-                        "GPTSentencePieceTokenizer", "--tokenizer-model", tokenizer])
-    assert "nothing_here" in message and ".bin" in message
-
-
-def test_vocabulary_mismatch_is_refused(tmp_path, data_cache):
-    from megatron_moh.data.corpus import builtin_corpus_text, prepare_builtin_dataset
-    from megatron_moh.tokenizer import train_tokenizer
-
-    prefix, _ = prepare_builtin_dataset(cache_dir=data_cache)  # made with a 4096-piece tokenizer, so ids reach past 600
-    docs = list(builtin_corpus_text())[:200]
-    small = train_tokenizer(docs, str(tmp_path / "small"), vocab_size=600)
-    message = _refusal(["--data-path", prefix, "--tokenizer-type", "GPTSentencePieceTokenizer",
-                        "--tokenizer-model", small])
-    assert "vocabulary size mismatch" in message
-
-
-def test_impossible_batch_size_is_refused(data_cache):
-    message = _refusal(["--moh-data-cache", data_cache, "--micro-batch-size", "3", "--global-batch-size", "16"])
-    # megatron's own wording, which names both sizes and the rule they break
-    assert message == ("pretrain_moh.py: error: eval_global_batch_size (16) must be divisible by "
-                       "eval_micro_batch_size (3) * data_parallel_size (1)"), message
-
-
-def test_impossible_moh_setting_is_refused(data_cache):
-    message = _refusal(["--moh-data-cache", data_cache, "--moh-topk", "9"])
-    assert "moh_topk=9" in message
-
-
-def test_fp8_without_transformer_engine_is_refused(data_cache):
-    message = _refusal(["--moh-data-cache", data_cache, "--fp8-format", "hybrid", "--fp8-recipe", "delayed"])
-    assert "needs NVIDIA Transformer Engine" in message and "--fp8-format hybrid" in message
-
-
-def test_te_spec_without_transformer_engine_is_refused(data_cache):
-    message = _refusal(["--moh-data-cache", data_cache, "--transformer-impl", "transformer_engine"])
-    assert "needs NVIDIA Transformer Engine" in message
-
-
 def test_help_lists_megatron_and_moh_flags():
     """megatron-core 0.19.2 has a help string with a bare '%' that makes argparse's --help crash."""
     out = subprocess.run([sys.executable, str(ROOT / "pretrain_moh.py"), "--help"], capture_output=True, text=True,
@@ -86,3 +40,30 @@ def test_help_lists_megatron_and_moh_flags():
     for text in ("mixture-of-heads:", "--moh-topk MOH_TOPK", "--tensor-model-parallel-size",
                  "--moe-paged-stash-buffer-size-factor-cuda", "10%)"):
         assert text in out.stdout, text
+
+
+# What megatron-core and torch print on a CPU machine about absent optional libraries.
+NOTICES = ("not installed", "No CUDA runtime", "'pin_memory' argument", "all_gather_into_tensor` is deprecated",
+           "one_logger package is required", "It is recommended to use a ModelConfig",
+           "MimoModelConfig is experimental")
+
+
+def test_first_screen_sums_up_absent_libraries_in_one_line():
+    """--verbose shows megatron's and torch's notices; without it one line stands for them, and
+    megatron's argument dump stays."""
+    argv = [sys.executable, str(ROOT / "pretrain_moh.py"), *SMALL_MODEL, "--train-iters", "1",
+            "--lr-warmup-iters", "0"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    runs = {verbose: subprocess.Popen(argv + (["--verbose"] if verbose else []), cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for verbose in (False, True)}
+    screens = {verbose: run.communicate(timeout=600)[0] for verbose, run in runs.items()}
+    for verbose, run in runs.items():
+        assert run.returncode == 0, screens[verbose][-3000:]
+        assert "-------- arguments --------" in screens[verbose]
+    line = console.fallback_line("local", gpu=False)
+    assert line == "running without Transformer Engine / Apex: torch fallbacks"  # CPU machines have neither
+    quiet = screens[False].splitlines()
+    assert quiet.count(line) == 1
+    assert [text for text in NOTICES if text in screens[False]] == []
+    assert line not in screens[True].splitlines()
+    assert [text for text in NOTICES if text not in screens[True]] == []

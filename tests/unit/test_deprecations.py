@@ -16,21 +16,18 @@ logging.basicConfig(stream=log, level=logging.WARNING)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import torch
-    from megatron_moh import platform
+    from megatron_moh import patches, platform
     platform.setup(force_cpu=True)
+    patches.install_all()
     platform.init_process_group(0, 1, init_method=f"file://{tempfile.mkdtemp()}/rendezvous")
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(0)
-    from megatron_moh import metrics
     from megatron_moh.arguments import parse_megatron_args
     from megatron_moh.conversion.hf_configs import moh_hf_config
     from megatron_moh.hf import MoHLlamaForCausalLM
     from megatron_moh.model import build_gpt_model, llama_moh_config
-    from megatron_moh.patches import checkpointing
-    checkpointing.install()
-    metrics.install()
     parse_megatron_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8"], validate=False)
     tokens = torch.randint(0, 128, (2, 16))
     positions = torch.arange(16)[None].expand(2, -1)

@@ -27,7 +27,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
 
-from megatron_moh import preflight, specs
+from megatron_moh import console, preflight, specs
 from megatron_moh.arguments import parse_megatron_args, validate_megatron_args
 from megatron_moh.model import model_from_args
 from megatron_moh.moh_attention import MoHSelfAttention
@@ -324,11 +324,17 @@ def test_gpu_default_spec_follows_transformer_engine(gpu_visible, te):
 
 
 def test_gpu_without_transformer_engine_says_so_once(gpu_visible):
+    """The first screen's one line says the GPU runs the local spec; nothing else of the start-up
+    mentions Transformer Engine; FP8 and an explicit TE spec are refused."""
     gpu_visible(False)
     with contextlib.redirect_stdout(io.StringIO()) as out:
         _start_up([])
-    assert [line for line in out.getvalue().splitlines() if "Transformer Engine" in line] == [
-        "Transformer Engine is not installed: using the local spec (torch kernels)"]
+    assert [line for line in out.getvalue().splitlines() if "Transformer Engine" in line] == []
+    args = parse_megatron_args(BASE, validate=False)
+    assert console.fallback_line(args.transformer_impl, gpu=True).startswith(
+        "running without Transformer Engine") and console.fallback_line(args.transformer_impl, gpu=True).endswith(
+        ": torch fallbacks (on this GPU too: --transformer-impl local)")
+    assert not console.fallback_line("local", gpu=False).endswith("--transformer-impl local)")
     with pytest.raises(SystemExit) as refusal, contextlib.redirect_stdout(io.StringIO()):
         _start_up(["--fp8-format", "e4m3"])
     assert "--fp8-format e4m3 needs NVIDIA Transformer Engine" in str(refusal.value.code)

@@ -14,7 +14,7 @@ import torch
 from megatron_moh.moh_attention import gate_heads
 from megatron_moh.router import gates_from_logits
 from megatron_moh import sparse_attention
-from megatron_moh.sparse_attention import head_sparse_attention
+from megatron_moh.sparse_attention import SparsePlan, head_sparse_attention
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 BF16_REL_TOL = 2e-2
@@ -98,46 +98,35 @@ CASES = [
 ]
 
 
-# How lanes (one routed head of one sequence) are computed: rows per packed chunk (None: the
-# default), fraction of chosen rows from which a lane is computed whole (None: the default), and
-# whether packed chunks may split their keys into an unmasked prefix and a masked band (CPU).
+# How lanes (one routed head of one sequence) are computed. Tiny test sequences split a chunk's
+# keys into an unmasked prefix and a masked band (CPU) whenever a prefix exists.
 LAYOUTS = {
-    "default": (None, None, True),
-    "small_chunks": (3, 2.0, True),  # every lane packed; many chunks, lanes dropping out
-    "small_chunks_one_call": (3, 2.0, False),  # the same, one masked SDPA call per chunk (GPU path)
-    "all_whole": (None, 0.0, True),  # every non-empty lane through the causal kernel
-    "mixed": (5, 0.45, True),  # busy lanes whole, the rest packed (both kinds in most cases)
+    "default": SparsePlan(min_split_prefix=1),
+    # every lane packed; many chunks, lanes dropping out
+    "small_chunks": SparsePlan(chunk_rows=3, whole_lane_fraction=2.0, min_split_prefix=1),
+    # the same, one masked SDPA call per chunk (the path off the CPU)
+    "small_chunks_one_call": SparsePlan(chunk_rows=3, whole_lane_fraction=2.0, split_keys=False),
+    # every non-empty lane through the causal kernel
+    "all_whole": SparsePlan(whole_lane_fraction=0.0, min_split_prefix=1),
+    # busy lanes whole, the rest packed (both kinds in most cases)
+    "mixed": SparsePlan(chunk_rows=5, whole_lane_fraction=0.45, min_split_prefix=1),
 }
-
-
-def use_layout(monkeypatch, layout):
-    chunk_rows, whole_fraction, split = LAYOUTS[layout]
-    if chunk_rows is not None:
-        monkeypatch.setattr(sparse_attention, "_chunk_rows", lambda max_rows: chunk_rows)
-    if whole_fraction is not None:
-        monkeypatch.setattr(sparse_attention, "_WHOLE_LANE_FRACTION", whole_fraction)
-    if split:  # tiny test sequences: split whenever a prefix exists
-        monkeypatch.setattr(sparse_attention, "_MIN_SPLIT_PREFIX", 1)
-    else:
-        monkeypatch.setattr(sparse_attention, "_FLASH_CPU", None)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("s,b,hp,g,d,shared,topk,kind", CASES)
-def test_fp32_matches_dense(s, b, hp, g, d, shared, topk, kind, layout, monkeypatch):
-    use_layout(monkeypatch, layout)
+def test_fp32_matches_dense(s, b, hp, g, d, shared, topk, kind, layout):
     (q, k, v), grad_out, gen = random_inputs(s, b, hp, g, d)
     gates = make_gates(s, b, shared, hp - shared, topk, kind, gen)
-    sparse = run(sparse_fn(shared), [q, k, v, gates], grad_out)
+    sparse = run(sparse_fn(shared, plan=LAYOUTS[layout]), [q, k, v, gates], grad_out)
     dense = run(dense_reference, [q, k, v, gates], grad_out)
     compare(gates, sparse, dense, shared, fp32_check)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", ["weighted", "binary"])
-def test_uneven_loads(kind, layout, monkeypatch):
+def test_uneven_loads(kind, layout):
     """A routed head no token chose (skipped) and one every token chose (all rows), in GQA."""
-    use_layout(monkeypatch, layout)
     s, b, hp, g, d, shared = 40, 2, 8, 4, 16, 2
     (q, k, v), grad_out, gen = random_inputs(s, b, hp, g, d, seed=1)
     gates = make_gates(s, b, shared, hp - shared, 2, kind, gen, force_none=1, force_all=4)
@@ -145,7 +134,7 @@ def test_uneven_loads(kind, layout, monkeypatch):
     gates[:, 1, shared:] = 0
     gates[: s // 2, 1, shared + 1] = 1.0
     gates[s // 2 + 1 :, 1, shared + 3] = 1.0
-    sparse = run(sparse_fn(shared), [q, k, v, gates], grad_out)
+    sparse = run(sparse_fn(shared, plan=LAYOUTS[layout]), [q, k, v, gates], grad_out)
     dense = run(dense_reference, [q, k, v, gates], grad_out)
     compare(gates, sparse, dense, shared, fp32_check)
 
@@ -165,12 +154,11 @@ def test_no_routed_rows_and_all_dense(shared):
 
 @pytest.mark.parametrize("layout", ["default", "mixed", "small_chunks", "small_chunks_one_call"])
 @pytest.mark.parametrize("kind", ["weighted", "binary"])
-def test_bf16_matches_dense(kind, layout, monkeypatch):
-    use_layout(monkeypatch, layout)
+def test_bf16_matches_dense(kind, layout):
     s, b, hp, g, d, shared = 48, 2, 8, 2, 32, 4
     (q, k, v), grad_out, gen = random_inputs(s, b, hp, g, d, dtype=torch.bfloat16, seed=3)
     gates = make_gates(s, b, shared, hp - shared, 2, kind, gen, force_none=0)
-    sparse = run(sparse_fn(shared), [q, k, v, gates], grad_out)
+    sparse = run(sparse_fn(shared, plan=LAYOUTS[layout]), [q, k, v, gates], grad_out)
     assert sparse[0].dtype == torch.bfloat16
     dense = run(dense_reference, [q.float(), k.float(), v.float(), gates], grad_out)
 
@@ -252,11 +240,10 @@ def test_cpu_prefix_band_split_is_exercised(monkeypatch):
     apply = sparse_attention._PrefixBandAttention.apply
     monkeypatch.setattr(sparse_attention._PrefixBandAttention, "apply",
                         lambda *a: calls.append(a[1].shape[2]) or apply(*a))
-    use_layout(monkeypatch, "small_chunks")
     s, b, hp, g, d, shared = 40, 2, 8, 4, 16, 2
     (q, k, v), grad_out, gen = random_inputs(s, b, hp, g, d, seed=6)
     gates = make_gates(s, b, shared, hp - shared, 2, "binary", gen)
-    sparse = run(sparse_fn(shared), [q, k, v, gates], grad_out)
+    sparse = run(sparse_fn(shared, plan=LAYOUTS["small_chunks"]), [q, k, v, gates], grad_out)
     dense = run(dense_reference, [q, k, v, gates], grad_out)
     compare(gates, sparse, dense, shared, fp32_check)
     assert calls and all(prefix_keys > 0 for prefix_keys in calls)
@@ -266,7 +253,6 @@ def test_cpu_prefix_band_split_is_exercised(monkeypatch):
 def test_busy_lanes_take_the_dense_call(whole_fraction, all_dense, monkeypatch):
     """When every routed lane is busy enough to be computed whole, all heads go through one
     causal call; the result and the zero-gate gradients stay those of the sparse path."""
-    monkeypatch.setattr(sparse_attention, "_WHOLE_LANE_FRACTION", whole_fraction)
     dense_calls = []
     dense_heads = sparse_attention.dense_causal_heads
     monkeypatch.setattr(sparse_attention, "dense_causal_heads",
@@ -274,7 +260,7 @@ def test_busy_lanes_take_the_dense_call(whole_fraction, all_dense, monkeypatch):
     s, b, hp, g, d, shared = 30, 2, 8, 4, 16, 2
     (q, k, v), grad_out, gen = random_inputs(s, b, hp, g, d, seed=7)
     gates = make_gates(s, b, shared, hp - shared, 5, "weighted", gen)  # 5 of 6: busy lanes
-    sparse = run(sparse_fn(shared), [q, k, v, gates], grad_out)
+    sparse = run(sparse_fn(shared, plan=SparsePlan(whole_lane_fraction=whole_fraction)), [q, k, v, gates], grad_out)
     dense = run(dense_reference, [q, k, v, gates], grad_out)
     compare(gates, sparse, dense, shared, fp32_check)
     assert dense_calls == ([hp] if all_dense else [shared])
