@@ -23,6 +23,8 @@ from tests.integration.checkpoint_runner import run_worker
 from tests.launcher import launch
 from tests.routing_reference import assert_stats_match, reference_stats, sequence_batches
 
+pytestmark = pytest.mark.slow  # a training run to analyse (~25 s on two cores)
+
 VOCAB, SEQ, TOKENS = 512, 64, 1500  # 1500: 23 full sequences and a short one
 TRAIN = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "8",
          "--group-query-attention", "--num-query-groups", "4", "--seq-length", str(SEQ),

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # every step of the kit on CPU (~35 s)
 def test_gpu_check_kit_cpu_dry_run(tmp_path):
     proc = subprocess.run(["bash", "benchmarks/gpu/check.sh", "--cpu-dry-run", str(tmp_path)], cwd=ROOT,
                           env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True,

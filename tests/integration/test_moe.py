@@ -15,6 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.integration.pretrain_runner import SMALL_MODEL, pretrain_worker
 from tests.launcher import launch
 
+pytestmark = pytest.mark.slow  # expert-parallel layouts train against one process (4-10 s each on two cores)
+
 # 4 experts, top-2, a shared expert, and a dense MLP on layer 2 (layers 0, 1, 3 are MoE).
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", "--moe-ffn-hidden-size", "64",
        "--moe-shared-expert-intermediate-size", "64", "--moe-layer-freq", "[1,1,0,1]"]

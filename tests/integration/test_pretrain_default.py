@@ -48,6 +48,7 @@ NOTICES = ("not installed", "No CUDA runtime", "'pin_memory' argument", "all_gat
            "MimoModelConfig is experimental")
 
 
+@pytest.mark.slow  # two runs of the default command
 def test_first_screen_sums_up_absent_libraries_in_one_line():
     """--verbose shows megatron's and torch's notices; without it one line stands for them, and
     megatron's argument dump stays."""

@@ -9,6 +9,8 @@ import pytest
 from tests.integration.pretrain_runner import SMALL_MODEL, losses, pretrain_worker
 from tests.launcher import launch
 
+pytestmark = pytest.mark.slow  # each layout trains against one process (4-10 s each on two cores)
+
 ITERS = ["--train-iters", "6"]
 REL_TOL = 5e-5  # fp32 losses, printed to 7 significant digits; reduction order differs by layout
 

@@ -123,6 +123,7 @@ def _samples_digest(dataset) -> str:
 # --- built-in corpus -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_builtin_corpus_is_real_english_and_deterministic():
     docs = list(corpus.builtin_corpus_text())
     text = "\n".join(docs)
@@ -294,6 +295,7 @@ def test_huggingface_tokenizer_is_the_one_training_builds(hf_tok, small_docs):
     assert ours.tokenize("an end <|end_of_text|> inside").count(LLAMA3_EOS) == 1  # special token text is one id
 
 
+@pytest.mark.slow
 def test_preprocess_with_a_huggingface_tokenizer(hf_tok, jsonl_input, model_400, small_docs, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -492,6 +494,7 @@ def _write_ids(prefix: Path, low: int, high: int, n_docs: int, eod: int) -> str:
     return str(prefix)
 
 
+@pytest.mark.slow
 def test_blend_respects_weights(tmp_path, tokenizer_400, model_400):
     """0.7/0.3 blend of two sources with disjoint ids: 1,000 samples, drawn shares within 0.01.
 

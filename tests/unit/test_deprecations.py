@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r'''
@@ -45,6 +47,7 @@ print("GPTMODEL_NOTICE", "GPTModel IS DEPRECATED" in log.getvalue())
 '''
 
 
+@pytest.mark.slow
 def test_no_deprecation_from_project_calls():
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

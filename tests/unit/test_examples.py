@@ -162,6 +162,7 @@ def test_continue_tune_steps_run_the_project_tools(tmp_path):
     assert "pretrained=/w/hf,trust_remote_code=True,dtype=bfloat16" in evaluated
 
 
+@pytest.mark.slow
 def test_continue_tune_memory_plan_is_computed_for_the_layout(tmp_path):
     """STEP=plan prints megatron's theoretical memory for the chosen layout (and neighbours): the one-node
     layout fits an 80 GB GPU with headroom, TP=1 does not."""

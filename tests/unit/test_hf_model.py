@@ -147,6 +147,7 @@ def exported(tmp_path_factory):
     return dict(root=root, ids=ids, expected=expected, results=results, processor=processor, models=models, job=job)
 
 
+@pytest.mark.slow
 def test_loader_process_never_imported_megatron(exported):
     assert exported["results"]["imported"] == []
 
@@ -194,6 +195,7 @@ def test_exported_tokenizer_has_sentencepiece_ids(exported):
     assert result["special"] == [1, 2, 3, 2, 3]
 
 
+@pytest.mark.slow
 def test_exports_work_on_the_oldest_declared_transformers(exported, tmp_path):
     """The same exports, loaded by the oldest transformers that setup.py admits (installed beside
     the venv by setup.sh --test): the same logits, generations and tokenizer ids. Before 5.24,

@@ -174,6 +174,7 @@ LOADER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_exported_sparse_model_loads_with_remote_code_and_equals_dense(tmp_path):
     dense, sparse = _pair("learned-weighted-2stage", "sdpa", seed=8)
     out = save_hf_checkpoint(tmp_path / "sparse", sparse.state_dict(), sparse.config)

@@ -83,6 +83,7 @@ def test_a_killed_holder_does_not_block(tmp_path, holder):
     assert sorted(p.name for p in save.iterdir()) == [save_dir.LOCK_NAME]
 
 
+@pytest.mark.slow
 def test_a_requeued_slurm_job_waits_for_its_lost_run(tmp_path, holder, monkeypatch):
     """The previous run of this very job held the lock on another node, which was lost: the lock
     is only waiting for its lease to expire (here: the holder is killed while the requeue waits)."""
