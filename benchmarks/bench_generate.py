@@ -48,6 +48,7 @@ from common import interleaved_medians, write_report  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
 from megatron_moh.hf import MoHLlamaConfig, MoHLlamaForCausalLM  # noqa: E402
+from megatron_moh.hf.configuration_moh import skipped_attention  # noqa: E402
 
 IMPLS = ("dense", "sparse", "auto")
 # Active fraction (%) -> (shared heads, routed heads each token keeps), for --heads 16:
@@ -103,6 +104,40 @@ def decode_step(model, impl: str | None, cache, first: torch.Tensor, new_tokens:
                 token = model(token, cache=cache).logits[:, -1:].argmax(-1)
         cache.crop(-new_tokens)
     return run
+
+
+def ceiling(shape: dict, layout: tuple[int, int], kv_heads: int, context: int, batch: int, phase: str) -> float:
+    """The best ratio against the Llama that skipping attention work can reach on this shape: prefill
+    time (a floor) or decoding tokens/s (a ceiling), if everything but the skipped work costs what it
+    costs the Llama and the router nothing. It uses the share of attention work the sparse path skips
+    (``skipped_attention``, which ``auto`` uses too) and counts multiply-adds per token: the weights
+    (one per parameter), the attention core (2 x keys x hidden; a prompt's tokens see half of it on
+    average). A decoding step is bound by arithmetic or by memory (weights read once per step, keys and
+    values once per sequence); the ceiling is the larger of the two."""
+    hidden, heads, layers = shape["hidden"], shape["heads"], shape["layers"]
+    shared, topk = layout
+    skipped = skipped_attention(phase, heads, kv_heads, shared, topk / (heads - shared))
+    kv_width = kv_heads * hidden // heads
+    weights = layers * (2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * shape["ffn"])
+    if phase == "prefill":
+        attention = layers * 2 * (context / 2) * hidden
+        return (weights + attention * (1 - skipped)) / (weights + attention)
+    weights += shape["vocab"] * hidden  # the output layer, every step
+    attention = layers * 2 * context * hidden
+    cache = batch * layers * 2 * context * kv_width  # elements read per step
+    return max((weights + attention) / (weights + attention * (1 - skipped)),
+               (weights + cache) / (weights + cache * (1 - skipped)))
+
+
+def add_ceilings(report: dict) -> list[dict]:
+    """The report's rows, each MoH row with its ``ceiling``."""
+    layouts = {int(active): layout for active, layout in report["layouts"].items()}
+    for row in report["rows"]:
+        if row["setting"] != "llama":
+            active = int(row["setting"][3:].split("_")[0])
+            row["ceiling"] = ceiling(report["shape"], layouts[active], row["kv_heads"], row["context"],
+                                     row["batch"], row["phase"])
+    return report["rows"]
 
 
 def settings(args) -> list[tuple[str, int | None, str | None]]:
@@ -167,10 +202,13 @@ def print_group(rows: list[dict]) -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     """One line per (threads, context, kv heads, batch, phase, cache), one column per MoH setting:
-    the ratio against the Llama (prefill: time, lower is better; decode: tokens/s, higher is better)."""
+    the ratio against the Llama (prefill: time, lower is better; decode: tokens/s, higher is better),
+    and per active fraction the arithmetic's best (``ceiling``)."""
     settings = list(dict.fromkeys(row["setting"] for row in rows if row["setting"] != "llama"))
-    lines = ["| threads | context | KV heads | batch | measure | " + " | ".join(settings) + " | load |",
-             "|---:|---:|---:|---:|---|" + "---:|" * len(settings) + "---|"]
+    actives = list(dict.fromkeys(setting.split("_")[0] for setting in settings))
+    lines = ["| threads | context | KV heads | batch | measure | " + " | ".join(settings) + " | "
+             + " | ".join(f"{active} best possible" for active in actives) + " | load |",
+             "|---:|---:|---:|---:|---|" + "---:|" * (len(settings) + len(actives)) + "---|"]
     cells: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         key = (row["threads"], row["context"], row["kv_heads"], row["batch"], row["phase"], row["cache"])
@@ -179,7 +217,9 @@ def markdown_table(rows: list[dict]) -> str:
         measure = "prefill time" if phase == "prefill" else f"decode tok/s, {cache} cache"
         load = by_setting["llama"]["load_start"][0], by_setting["llama"]["load_end"][0]
         ratios = " | ".join(f"{by_setting[s]['ratio']:.2f}" if s in by_setting else "-" for s in settings)
-        lines.append(f"| {threads} | {context} | {kv_heads} | {batch} | {measure} | {ratios} | "
+        best = " | ".join(next((f"{row['ceiling']:.2f}" for name, row in by_setting.items()
+                                if name.startswith(active + "_") and "ceiling" in row), "-") for active in actives)
+        lines.append(f"| {threads} | {context} | {kv_heads} | {batch} | {measure} | {ratios} | {best} | "
                      f"{load[0]:.0f}-{load[1]:.0f} |")
     return "\n".join(lines)
 
@@ -223,7 +263,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.table:
-        print(markdown_table([row for path in args.table for row in json.loads(path.read_text())["rows"]]))
+        print(markdown_table([row for path in args.table for row in add_ceilings(json.loads(path.read_text()))]))
         return
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -239,12 +279,14 @@ def main(argv=None) -> None:
             print_group(group)
             rows += group
     name = "bench_generate" + ("_quick" if args.quick else "")
-    out = write_report(name, {
+    report = {
         "cpu": host.processor() or host.machine(), "dtype": args.dtype, "seconds": round(time.monotonic() - start),
         "shape": dict(layers=args.layers, hidden=args.hidden, ffn=args.ffn, heads=args.heads, vocab=args.vocab,
                       new_tokens=args.new_tokens, repeats=args.repeats),
         "layouts": {active: LAYOUTS[active](args.heads) for active in args.active}, "rows": rows,
-    }, args.out)
+    }
+    add_ceilings(report)
+    out = write_report(name, report, args.out)
     print(markdown_table(rows))
     print(f"# wrote {out} in {time.monotonic() - start:.0f} s", flush=True)
 

@@ -47,7 +47,7 @@ MOH_ATTENTION_IMPLS = ("auto", "dense", "sparse")
 SPARSE_CROSSOVERS: dict[tuple[str, str], tuple[tuple[float, int], ...]] = {
     ("cpu", "train"): ((0.5, 1024), (0.25, 2048)),
     ("cpu", "prefill"): ((0.5, 2048), (0.25, 4096)),
-    ("cpu", "decode"): ((0.2, 1024),),
+    ("cpu", "decode"): ((0.1, 1024),),
 }
 # Inference's sparse paths make many small calls (a decoding step: one per run of groups and sequence),
 # each a parallel region that waits for every CPU thread: with 2 threads on cores other processes also
