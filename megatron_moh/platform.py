@@ -65,16 +65,13 @@ def setup(force_cpu: bool | None = None) -> torch.device:
 
 
 def single_process_defaults() -> None:
-    """Let plain ``python script.py`` run as a one-rank job (torchrun sets these itself)."""
+    """Let plain ``python script.py`` run as a one-rank job (torchrun sets these itself). Port 0: the
+    rank's store binds a port the OS picks as it opens it (no other rank connects), so runs started
+    together cannot race for one, as they could for a free port probed beforehand."""
     if "RANK" in os.environ:
         return
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
 
 
 def init_process_group(rank: int, world_size: int, init_method: str | None = None, **kwargs: Any) -> None:

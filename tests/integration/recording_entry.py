@@ -4,6 +4,7 @@ megatron logs). megatron's own log line is rounded, and its second line after ev
 averages two iterations."""
 
 import os
+import sys
 
 
 def main() -> None:
@@ -13,7 +14,12 @@ def main() -> None:
     from tests.integration.checkpoint_runner import record_losses
 
     rank = os.environ["RANK"]
-    record_losses(train, lambda pair: print(f"exact loss: rank {rank} iteration {pair[0] + 1} {pair[1]!r}", flush=True))
+
+    def say(pair: tuple[int, float]) -> None:  # one write: the ranks share the pipe, print writes twice
+        sys.stdout.write(f"exact loss: rank {rank} iteration {pair[0] + 1} {pair[1]!r}\n")
+        sys.stdout.flush()
+
+    record_losses(train, say)
     pretrain_moh.main()
 
 

@@ -297,7 +297,8 @@ def _attention(impl, kv_heads=16):
 @pytest.mark.parametrize("impl,kv_heads,length,keys,masked,path", [
     ("auto", 16, 1, 512, False, None),  # a short cache: dense
     ("auto", 16, 1, 4096, True, "groups"),  # MHA decoding at 4k: sparse
-    ("auto", 8, 1, 4096, True, None),  # GQA decoding: too few groups unused
+    ("auto", 8, 1, 4096, True, "groups"),  # GQA pairs: an eighth of the cache unread
+    ("auto", 4, 1, 4096, True, None),  # groups of 4 (Llama-3-8B's): 3% unread, dense
     ("auto", 16, 1024, 1024, False, None),  # a short prompt: dense
     ("auto", 16, 4096, 4096, False, "prompt"),  # a long prompt: sparse
     ("auto", 16, 4096, 4096, True, None),  # a padded prompt: dense
