@@ -31,6 +31,7 @@ def test_builtin_default_learns_real_text(data_cache):
     assert last < first - 1.5, f"loss went from {first} to {last}"
 
 
+@pytest.mark.slow  # megatron's parser in a fresh interpreter
 def test_help_lists_megatron_and_moh_flags():
     """megatron-core 0.19.2 has a help string with a bare '%' that makes argparse's --help crash."""
     out = subprocess.run([sys.executable, str(ROOT / "pretrain_moh.py"), "--help"], capture_output=True, text=True,
