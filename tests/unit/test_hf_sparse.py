@@ -240,6 +240,21 @@ def test_prompt_path_equals_dense_and_computes_only_chosen_rows_before_each_bloc
     assert all(r < group * 8 for r in rows)
 
 
+def test_prompt_blocks_grow_with_the_prompt_and_keep_the_result():
+    """The default block (``prompt_block``): 256 positions up to 2048 tokens, an eighth of the prompt up
+    to 1024 positions; at 2100 tokens (blocks of 262, a partial last one) the output equals gated
+    causal SDPA, fp32 within TOL."""
+    assert [modeling_moh.prompt_block(n) for n in (8, 2048, 4096, 8192, 1 << 15)] == [256, 256, 512, 1024, 1024]
+    config = _config("learned-binary", "sdpa", "sparse", num_attention_heads=4, num_key_value_heads=4,
+                     moh_num_shared_heads=1, moh_topk=1)
+    attention = modeling_moh.MoHLlamaAttention(config, layer_idx=0)
+    query, key, value, gates = _prompt_inputs(3, 1, 4, 4, 2100, 1, 1)
+    out = attention.sparse_prompt(query, key, value, gates).transpose(1, 2)
+    dense = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=attention.scaling)
+    mask = (gates != 0).transpose(1, 2)[..., None]
+    torch.testing.assert_close(out * mask, dense * mask, **TOL)
+
+
 @pytest.mark.parametrize("kv_heads", [8, 4])
 def test_prompt_longer_than_a_block_equals_dense(kv_heads):
     """A 300-token prefill (two blocks of the default 256) through the whole model."""
